@@ -1,0 +1,21 @@
+"""Ops of the nested Mamba2 mixer, each a Triton kernel beside a pure-PyTorch reference.
+
+Installed as `lit_matmamba.kernels` (see pyproject.toml): a top-level package named `kernels`
+would shadow the PyPI distribution of that name. Importing this package needs neither Triton
+nor CUDA: kernels are imported only when a backend picks them.
+"""
+
+from .backend import BACKENDS, use_triton
+from .causal_conv1d import causal_conv1d, causal_conv1d_step
+from .gated_rmsnorm import gated_rmsnorm
+from .ssd import ssd_scan, ssd_step
+
+__all__ = [
+    "BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "gated_rmsnorm",
+    "ssd_scan",
+    "ssd_step",
+    "use_triton",
+]
