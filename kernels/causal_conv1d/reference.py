@@ -32,11 +32,15 @@ def causal_conv1d_ref(
     if initial_state is None:
         initial_state = xt.new_zeros(bsz, channels, k - 1)
     padded = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (B, C, K-1+L)
-    y = F.conv1d(padded, weight.unsqueeze(1).to(xt.dtype), bias.to(xt.dtype) if bias is not None else None,
-                 groups=channels)  # (B, C, L)
+    y = F.conv1d(
+        padded,
+        weight.unsqueeze(1).to(xt.dtype),
+        bias.to(xt.dtype) if bias is not None else None,
+        groups=channels,
+    )  # (B, C, L)
     if activation:
         y = F.silu(y)
-    final_state = padded[:, :, padded.shape[-1] - (k - 1):]  # (B, C, K-1)
+    final_state = padded[:, :, padded.shape[-1] - (k - 1) :]  # (B, C, K-1)
     return y.transpose(1, 2), final_state
 
 

@@ -136,7 +136,9 @@ def ssd_step_ref(
     Bh = B.to(cdtype).repeat_interleave(nheads // B.shape[1], dim=1)  # (b, h, n)
     Ch = C.to(cdtype).repeat_interleave(nheads // C.shape[1], dim=1)
     decay = torch.exp(dt * A.to(cdtype))  # (b, h)
-    new_state = state.to(cdtype) * decay[..., None, None] + (xf * dt.unsqueeze(-1)).unsqueeze(-1) * Bh.unsqueeze(2)
+    new_state = state.to(cdtype) * decay[..., None, None] + (xf * dt.unsqueeze(-1)).unsqueeze(
+        -1
+    ) * Bh.unsqueeze(2)
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
     if D is not None:
         y = y + xf * D.to(cdtype).unsqueeze(-1)

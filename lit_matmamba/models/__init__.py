@@ -1,0 +1,23 @@
+"""Plain-PyTorch MatMamba models: no Lightning here, so they run anywhere (a notebook, a server)."""
+
+from .backbone import Block, InferenceCache, MatMambaStack, NestedModel
+from .config import PRESETS, MatMambaConfig, allowed_width_step, resolve_widths
+from .lm import MatMambaLM
+from .mixer import MatMambaMixer, MixerState
+from .vision import ClassifierHead, MatMambaVision
+
+__all__ = [
+    "PRESETS",
+    "Block",
+    "ClassifierHead",
+    "InferenceCache",
+    "MatMambaConfig",
+    "MatMambaLM",
+    "MatMambaMixer",
+    "MatMambaStack",
+    "MatMambaVision",
+    "MixerState",
+    "NestedModel",
+    "allowed_width_step",
+    "resolve_widths",
+]

@@ -1,0 +1,282 @@
+"""The nested Mamba2 mixer: one set of weights, a sub-mixer for every width.
+
+Internal parameter layout
+-------------------------
+A sub-mixer of `k` heads uses the first `k` heads of x, z, dt, A, D, dt_bias, the norm weight and
+out_proj's input columns, and always all of B and C. To make every sub-mixer a *prefix* of each
+parameter (so a forward at any width takes views, never copies of weight slices) the rows of
+`in_proj.weight` are stored as
+
+    [B (G*N) | C (G*N) | x (H*P) | z_0 dt_0 | z_1 dt_1 | ... | z_{H-1} dt_{H-1}]
+
+and the channels of `conv1d` as [B | C | x]. A sub-mixer then runs two matmuls over row prefixes,
+one for the conv input [B, C, x_:k] and one for [(z, dt)_:k], and the conv input comes out
+contiguous, ready for the conv kernel.
+
+mamba-ssm stores in_proj rows as [z | x | B | C | dt] and conv channels as [x | B | C]. The
+state-dict hooks below convert on save and on load, so `state_dict()` and `load_state_dict()`
+speak mamba-ssm's layout (names, shapes and row order) and stock Mamba2 checkpoints load as they
+are. Parameters and optimizer state stay in the internal layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_matmamba.kernels import causal_conv1d, causal_conv1d_step, gated_rmsnorm, ssd_scan, ssd_step
+
+from .config import MatMambaConfig
+
+
+@dataclass
+class MixerState:
+    """Recurrent state of one mixer, sized to the width in use."""
+
+    conv: torch.Tensor  # (B, 2GN + kP, d_conv - 1): the last conv inputs
+    ssm: torch.Tensor  # (B, k, P, N), float32
+
+
+class GatedRMSNorm(nn.Module):
+    """Holds the norm weight (mamba-ssm name `norm.weight`); the op is `kernels.gated_rmsnorm`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class MatMambaMixer(nn.Module):
+    """Mamba2 mixer whose sub-mixers of fewer heads share its weights.
+
+    Args:
+        config: model sizes; `width` below is in units of `config.d_model`.
+        width: the full width of this mixer (`config.layer_widths[i]`); d_model by default.
+    """
+
+    def __init__(self, config: MatMambaConfig, width: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        width = config.d_model if width is None else width
+        self.full_width = width
+        P, G, N = config.headdim, config.ngroups, config.d_state
+        self.nheads = config.heads_at(width)
+        H = self.nheads
+        self.d_inner = H * P
+        self.d_bc = 2 * G * N
+        self.conv_dim = self.d_bc + self.d_inner
+        self.zdt_offset = self.conv_dim  # first row of the (z, dt) head blocks in in_proj
+        d_in_proj = self.conv_dim + H * (P + 1)
+
+        self.in_proj = nn.Linear(config.d_model, d_in_proj, bias=config.proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            config.d_conv,
+            groups=self.conv_dim,
+            bias=config.conv_bias,
+            padding=config.d_conv - 1,
+        )
+        # dt initialised as in Mamba2: log-uniform in [dt_min, dt_max], stored as softplus^-1.
+        dt = torch.exp(
+            torch.rand(H) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
+        )
+        dt = dt.clamp(min=config.dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*config.A_init_range)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.proj_bias)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+        self._register_state_dict_hook(_to_mamba_layout)
+        self._register_load_state_dict_pre_hook(_from_mamba_layout, with_module=True)
+
+    # Sizes at a width ------------------------------------------------------------------------
+    def heads_at(self, width: int) -> int:
+        k = self.config.heads_at(width)
+        if not 0 < k <= self.nheads or not self.config.is_valid_width(width) or k % self.config.ngroups:
+            raise ValueError(f"width {width} is not valid for a mixer of full width {self.full_width}")
+        return k
+
+    def allocate_state(
+        self,
+        batch_size: int,
+        width: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> MixerState:
+        k = self.heads_at(width)
+        P, N = self.config.headdim, self.config.d_state
+        dtype = dtype or self.conv1d.weight.dtype
+        device = device or self.conv1d.weight.device
+        return MixerState(
+            conv=torch.zeros(
+                batch_size, self.d_bc + k * P, self.config.d_conv - 1, dtype=dtype, device=device
+            ),
+            ssm=torch.zeros(batch_size, k, P, N, dtype=torch.float32, device=device),
+        )
+
+    def _views(self, k: int) -> dict[str, torch.Tensor | None]:
+        """Prefix views of every parameter for a sub-mixer of k heads (no copies)."""
+        P = self.config.headdim
+        c = self.d_bc + k * P
+        zdt = slice(self.zdt_offset, self.zdt_offset + k * (P + 1))
+        w, b = self.in_proj.weight, self.in_proj.bias
+        return dict(
+            w_xbc=w[:c],
+            b_xbc=None if b is None else b[:c],
+            w_zdt=w[zdt],
+            b_zdt=None if b is None else b[zdt],
+            conv_w=self.conv1d.weight[:c, 0],
+            conv_b=None if self.conv1d.bias is None else self.conv1d.bias[:c],
+            dt_bias=self.dt_bias[:k],
+            A=-torch.exp(self.A_log[:k].float()),
+            D=self.D[:k],
+            norm_w=self.norm.weight[: k * P],
+            w_out=self.out_proj.weight[:, : k * P],
+            b_out=self.out_proj.bias,
+        )
+
+    # Forward ---------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
+        """u: (B, L, d_model) -> (B, L, d_model) through the sub-mixer of `width`.
+
+        With `state`, the sequence continues from it and the state is updated in place
+        (prefill for decoding).
+        """
+        cfg, backend = self.config, self.config.backend
+        k = self.heads_at(width)
+        P, G, N = cfg.headdim, cfg.ngroups, cfg.d_state
+        v = self._views(k)
+
+        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])  # (B, L, 2GN + kP)
+        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
+        z, dt = zdt[..., :P], zdt[..., P]  # (B, L, k, P), (B, L, k)
+
+        conv_init = None if state is None else state.conv
+        xbc, conv_final = causal_conv1d(
+            xbc, v["conv_w"], v["conv_b"], conv_init, activation=True, backend=backend
+        )
+        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
+        y, ssm_final = ssd_scan(
+            x.unflatten(-1, (k, P)),
+            dt,
+            v["A"],
+            Bm.unflatten(-1, (G, N)),
+            Cm.unflatten(-1, (G, N)),
+            cfg.chunk_size,
+            D=v["D"],
+            dt_bias=v["dt_bias"],
+            dt_softplus=True,
+            initial_state=None if state is None else state.ssm,
+            backend=backend,
+        )  # (B, L, k, P)
+        y = gated_rmsnorm(
+            y.flatten(-2),
+            z.flatten(-2),
+            v["norm_w"],
+            cfg.norm_eps,
+            group_size=k * P // G,
+            norm_before_gate=cfg.norm_before_gate,
+            backend=backend,
+        )  # (B, L, kP)
+        if state is not None:
+            state.conv, state.ssm = conv_final.detach(), ssm_final.detach()
+        return F.linear(y, v["w_out"], v["b_out"])
+
+    def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
+        """One decoding step. u: (B, d_model) -> (B, d_model); updates `state` in place."""
+        cfg = self.config
+        k = self.heads_at(width)
+        P, G, N = cfg.headdim, cfg.ngroups, cfg.d_state
+        if state.ssm.shape[1] != k:
+            raise ValueError(f"the state holds {state.ssm.shape[1]} heads but width {width} uses {k}")
+        v = self._views(k)
+        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])  # (B, 2GN + kP)
+        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, k, P+1)
+        z, dt = zdt[..., :P], zdt[..., P]
+        xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"])
+        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
+        y, state.ssm = ssd_step(
+            x.unflatten(-1, (k, P)),
+            dt,
+            v["A"],
+            Bm.unflatten(-1, (G, N)),
+            Cm.unflatten(-1, (G, N)),
+            state.ssm,
+            D=v["D"],
+            dt_bias=v["dt_bias"],
+        )
+        y = gated_rmsnorm(
+            y.flatten(-2),
+            z.flatten(-2),
+            v["norm_w"],
+            cfg.norm_eps,
+            group_size=k * P // G,
+            norm_before_gate=cfg.norm_before_gate,
+            backend="reference",
+        )  # (B, kP)
+        return F.linear(y, v["w_out"], v["b_out"])
+
+    @torch.no_grad()
+    def copy_from(self, other: MatMambaMixer) -> None:
+        """Fill this (smaller or equal) mixer with the leading heads of `other`."""
+        k = self.nheads
+        v = other._views(k)
+        P = self.config.headdim
+        self.in_proj.weight.copy_(torch.cat([v["w_xbc"], v["w_zdt"]]))
+        if self.in_proj.bias is not None:
+            self.in_proj.bias.copy_(torch.cat([v["b_xbc"], v["b_zdt"]]))
+        self.conv1d.weight.copy_(other.conv1d.weight[: self.conv_dim])
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.copy_(v["conv_b"])
+        self.dt_bias.copy_(v["dt_bias"])
+        self.A_log.copy_(other.A_log[:k])
+        self.D.copy_(v["D"])
+        self.norm.weight.copy_(v["norm_w"])
+        self.out_proj.weight.copy_(other.out_proj.weight[:, : k * P])
+        if self.out_proj.bias is not None:
+            self.out_proj.bias.copy_(other.out_proj.bias)
+
+
+# Layout conversion to and from mamba-ssm ---------------------------------------------------------
+def mamba_to_internal_index(mixer: MatMambaMixer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors `(in_proj_idx, conv_idx)` with internal = mamba[idx] along dim 0."""
+    H, P, bc = mixer.nheads, mixer.config.headdim, mixer.d_bc
+    hp = H * P
+    # mamba-ssm in_proj rows: z [0, hp) | x [hp, 2hp) | B, C [2hp, 2hp+bc) | dt [2hp+bc, 2hp+bc+H)
+    heads = [torch.cat([torch.arange(h * P, (h + 1) * P), torch.tensor([2 * hp + bc + h])]) for h in range(H)]
+    in_proj = torch.cat([torch.arange(2 * hp, 2 * hp + bc), torch.arange(hp, 2 * hp), *heads])
+    # mamba-ssm conv channels: x [0, hp) | B, C [hp, hp+bc)
+    conv = torch.cat([torch.arange(hp, hp + bc), torch.arange(hp)])
+    return in_proj, conv
+
+
+def _permuted_keys(mixer: MatMambaMixer, prefix: str) -> dict[str, torch.Tensor]:
+    in_proj, conv = mamba_to_internal_index(mixer)
+    return {
+        f"{prefix}in_proj.weight": in_proj,
+        f"{prefix}in_proj.bias": in_proj,
+        f"{prefix}conv1d.weight": conv,
+        f"{prefix}conv1d.bias": conv,
+    }
+
+
+def _to_mamba_layout(mixer: MatMambaMixer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key, idx in _permuted_keys(mixer, prefix).items():
+        if key in state_dict:
+            t = state_dict[key]
+            state_dict[key] = torch.empty_like(t).index_copy_(0, idx.to(t.device), t)  # mamba[idx] = internal
+
+
+def _from_mamba_layout(mixer: MatMambaMixer, state_dict: dict, prefix: str, *args) -> None:
+    for key, idx in _permuted_keys(mixer, prefix).items():
+        t = state_dict.get(key)
+        # Tensors of the wrong size are left alone: load_state_dict then reports the mismatch.
+        if t is not None and t.shape[0] == idx.numel():
+            state_dict[key] = t.index_select(0, idx.to(t.device))
