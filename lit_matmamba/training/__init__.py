@@ -1,0 +1,18 @@
+"""Lightning training of nested models: the modules, callbacks, optimizer defaults, parallelism."""
+
+from .callbacks import GranularityCharts, MixNMatchCurve, ThroughputMonitor
+from .module import ImageClassification, LanguageModeling, NestedModule, load_model
+from .optim import WarmupCosine, adamw, param_groups
+
+__all__ = [
+    "GranularityCharts",
+    "ImageClassification",
+    "LanguageModeling",
+    "MixNMatchCurve",
+    "NestedModule",
+    "ThroughputMonitor",
+    "WarmupCosine",
+    "adamw",
+    "load_model",
+    "param_groups",
+]

@@ -1,0 +1,236 @@
+"""Callbacks: per-granularity charts, throughput and MFU, and the Mix'n'Match accuracy/compute curve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from .module import NestedModule
+
+
+def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class GranularityCharts(L.Callback):
+    """Puts every width of a metric on one TensorBoard chart.
+
+    The module logs one scalar tag per width and metric (`val/loss/w768`, `val/loss/w96`, ...);
+    this adds a "Custom Scalars" layout with one multi-line chart per metric
+    (TensorBoard's CUSTOM SCALARS tab), so the granularities are compared at a glance.
+    """
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: NestedModule) -> None:
+        tb = _tensorboard(trainer)
+        if tb is None:
+            return
+        charts: dict[str, dict[str, list]] = {}
+        for stage, metric in pl_module.chart_metrics:
+            charts.setdefault(f"granularities ({stage})", {})[f"{stage}/{metric}"] = [
+                "Multiline",
+                [rf"^{stage}/{metric}/(w|mix)\d+$"],
+            ]
+        tb.experiment.add_custom_scalars(charts)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs tokens/s and samples/s of the joint step, and MFU when the accelerator's peak is known.
+
+    MFU = (training FLOPs per token of every granularity, from the model's counts) x tokens/s
+    / peak FLOP/s. The peak is `peak_tflops`, or looked up for known GPUs (dense bf16).
+
+    Args:
+        log_every_n_steps: average over this many optimizer steps.
+        peak_tflops: the accelerator's peak dense TFLOP/s (per device) for MFU.
+    """
+
+    KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+    def __init__(self, log_every_n_steps: int = 10, peak_tflops: float | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_tflops = peak_tflops
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start: float | None = None
+        self._tokens = 0
+        self._samples = 0
+        self._batches = 0
+
+    def _peak(self, pl_module: L.LightningModule) -> float | None:
+        if self.peak_tflops:
+            return self.peak_tflops * 1e12
+        if pl_module.device.type == "cuda":
+            name = torch.cuda.get_device_name(pl_module.device)
+            for key, tflops in self.KNOWN_PEAK_TFLOPS.items():
+                if key in name:
+                    return tflops * 1e12
+        return None
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: NestedModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start is None:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: NestedModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        self._tokens += pl_module.batch_tokens(batch)
+        self._samples += pl_module.batch_size(batch)
+        self._batches += 1
+        if self._batches < self.log_every_n_steps * pl_module.accumulate_grad_batches:
+            return
+        self._sync(pl_module)
+        elapsed = time.perf_counter() - self._start
+        world = trainer.world_size
+        tokens_per_sec = self._tokens * world / elapsed
+        metrics = {
+            "perf/tokens_per_sec": tokens_per_sec,
+            "perf/samples_per_sec": self._samples * world / elapsed,
+        }
+        peak = self._peak(pl_module)
+        if peak is not None:
+            seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else None
+            flops = sum(
+                pl_module.model.flops_per_token(w, training=True, seq_len=seq_len)
+                for w in pl_module.granularities
+            )
+            metrics["perf/mfu"] = flops * tokens_per_sec / (peak * world)
+        pl_module.log_dict(metrics)
+        self._reset()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()  # validation time is not training throughput
+
+
+class MixNMatchCurve(L.Callback):
+    """At the end of validation, evaluates many sub-models and draws metric versus parameters.
+
+    The settings are the granularities plus `settings` (one width per layer); with `settings`
+    None, Mix'n'Match settings are generated between each pair of adjacent granularities: the
+    first j layers at the larger width and the rest at the smaller one, for `steps` values of j.
+    Each point is evaluated on up to `max_batches` validation batches. The figure goes to
+    TensorBoard (IMAGES tab, tag `mixnmatch/curve`) and to `<log_dir>/mixnmatch.png`.
+
+    Args:
+        settings: per-layer widths to evaluate besides the granularities.
+        steps: generated settings per pair of granularities (when `settings` is None).
+        max_batches: validation batches per setting.
+        metric: "loss" (default) or another metric name the module computes (e.g. "top1").
+        every_n_epochs: draw at every n-th validation.
+    """
+
+    def __init__(
+        self,
+        settings: list[list[int]] | None = None,
+        steps: int = 3,
+        max_batches: int = 4,
+        metric: str = "loss",
+        every_n_epochs: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.steps = steps
+        self.max_batches = max_batches
+        self.metric = metric
+        self.every_n_epochs = every_n_epochs
+        self.last_points: list[dict[str, Any]] = []
+
+    def _settings(self, pl_module: NestedModule) -> list[tuple[str, list[int] | int]]:
+        grans = sorted(pl_module.granularities, reverse=True)
+        out: list[tuple[str, list[int] | int]] = [(f"w{w}", w) for w in grans]
+        if self.settings is not None:
+            return out + [(f"mix{i}", list(s)) for i, s in enumerate(self.settings)]
+        n = pl_module.model.config.n_layer
+        for big, small in zip(grans, grans[1:]):
+            for j in sorted({round(n * (i + 1) / (self.steps + 1)) for i in range(self.steps)} - {0, n}):
+                out.append((f"{big}x{j}+{small}x{n - j}", [big] * j + [small] * (n - j)))
+        return out
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: NestedModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        loader = trainer.val_dataloaders
+        if isinstance(loader, list | tuple):
+            loader = loader[0]
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= self.max_batches:
+                break
+            batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.to(pl_module.device)))
+        if not batches:
+            return
+        points = []
+        for label, width in self._settings(pl_module):
+            metrics = pl_module.make_metrics().to(pl_module.device)
+            for batch in batches:
+                pl_module.update_metrics(metrics, batch, width)
+            value = pl_module.compute_metrics("val", metrics)[self.metric]
+            value = float(trainer.strategy.reduce(value, reduce_op="mean"))
+            points.append(
+                {
+                    "label": label,
+                    "width": width,
+                    "params": pl_module.model.num_params(width),
+                    self.metric: value,
+                }
+            )
+        self.last_points = points
+        self._draw(trainer, points)
+
+    @rank_zero_only
+    def _draw(self, trainer: L.Trainer, points: list[dict[str, Any]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        uniform = [p for p in points if isinstance(p["width"], int)]
+        mixed = [p for p in points if not isinstance(p["width"], int)]
+        ax.plot(
+            [p["params"] / 1e6 for p in uniform],
+            [p[self.metric] for p in uniform],
+            "o-",
+            label="granularities",
+        )
+        for p in uniform:
+            ax.annotate(
+                p["label"],
+                (p["params"] / 1e6, p[self.metric]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        if mixed:
+            ax.plot(
+                [p["params"] / 1e6 for p in mixed], [p[self.metric] for p in mixed], "x", label="Mix'n'Match"
+            )
+        ax.set_xlabel("parameters used (M)")
+        ax.set_ylabel(f"validation {self.metric}")
+        ax.set_title(f"Mix'n'Match sub-models, step {trainer.global_step}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tb = _tensorboard(trainer)
+        if tb is not None:
+            tb.experiment.add_figure("mixnmatch/curve", fig, global_step=trainer.global_step)
+        if trainer.log_dir:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            fig.savefig(Path(trainer.log_dir) / "mixnmatch.png")
+        plt.close(fig)

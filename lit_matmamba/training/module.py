@@ -1,0 +1,326 @@
+"""LightningModules that train every granularity of a nested model on the same batch.
+
+The model (a plain-PyTorch `MatMambaLM` or `MatMambaVision`, or any module taking `width`) is
+injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lit_matmamba.models.config import resolve_widths
+
+from .optim import adamw, param_groups
+from .parallel import clip_grad_norm, gradient_sync
+
+Width = int | Sequence[int]
+
+
+class NestedModule(L.LightningModule):
+    """Joint training of a model's granularities, one optimizer step per batch.
+
+    For every batch the training step runs each width in `granularities` on the same batch,
+    back-propagates `loss_weight * loss` right away (so only one width's activations are alive
+    at a time), and steps the optimizer once. Under DDP/FSDP gradients are reduced on the last
+    backward of an optimizer step only. Validation and test evaluate every granularity and each
+    Mix'n'Match setting in `mixnmatch`, and log one tag per width and metric
+    (`val/loss/w768`, `val/loss/mix0`, ...).
+
+    Args:
+        model: the nested model; its forward takes `width`.
+        granularities: widths trained jointly; None: `model.config.granularities` (D, D/2, D/4, D/8).
+        loss_weights: one weight per granularity; None: equal weights that sum to 1 (the average).
+        mixnmatch: extra per-layer width settings (one int per layer) evaluated in validation/test.
+        optimizer: builds the optimizer from parameter groups (no weight decay on 1-D parameters).
+        scheduler: builds a per-step LR scheduler from the optimizer; None: constant LR.
+        accumulate_grad_batches: micro-batches per optimizer step (use this, not the Trainer's
+            flag: the step is optimised by hand).
+        gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
+            the Trainer's flag).
+        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+    """
+
+    # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
+    chart_metrics: tuple[tuple[str, str], ...] = (("train", "loss"), ("val", "loss"))
+
+    def __init__(
+        self,
+        model: nn.Module,
+        granularities: list[int] | None = None,
+        loss_weights: list[float] | None = None,
+        mixnmatch: list[list[int]] | None = None,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        config = model.config
+        self.granularities = list(granularities if granularities is not None else config.granularities)
+        if not self.granularities:
+            raise ValueError("granularities is empty: give at least one width to train")
+        for w in self.granularities:
+            try:
+                resolve_widths(config, w)
+            except ValueError as err:
+                raise ValueError(f"granularities: {err}") from None
+        if loss_weights is None:
+            loss_weights = [1.0 / len(self.granularities)] * len(self.granularities)
+        if len(loss_weights) != len(self.granularities):
+            raise ValueError(
+                f"loss_weights has {len(loss_weights)} entries for {len(self.granularities)} granularities"
+            )
+        self.loss_weights = [float(x) for x in loss_weights]
+        self.mixnmatch = [list(s) for s in (mixnmatch or [])]
+        for i, setting in enumerate(self.mixnmatch):
+            try:
+                resolve_widths(config, setting)
+            except ValueError as err:
+                raise ValueError(f"mixnmatch[{i}]: {err}") from None
+        if accumulate_grad_batches < 1:
+            raise ValueError("accumulate_grad_batches must be >= 1")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.check_finite = check_finite
+        self.metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.eval_settings()})
+                for stage in ("val", "test")
+            }
+        )
+
+    # What subclasses define --------------------------------------------------------------
+    def loss(self, batch: Any, width: Width) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_metrics(self) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: nn.ModuleDict, batch: Any, width: Width) -> None:
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        raise NotImplementedError
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens the model processes for this batch (throughput and MFU)."""
+        raise NotImplementedError
+
+    # Widths ------------------------------------------------------------------------------
+    def eval_settings(self) -> list[tuple[str, Width]]:
+        """(label, width) of everything evaluated: the granularities, then Mix'n'Match settings."""
+        return [(f"w{w}", w) for w in self.granularities] + [
+            (f"mix{i}", s) for i, s in enumerate(self.mixnmatch)
+        ]
+
+    def forward(self, *args: Any, width: Width | None = None, **kwargs: Any) -> torch.Tensor:
+        return self.model(*args, width=width, **kwargs)
+
+    # Training ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.check_data(datamodule)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Raise a clear error when the data does not fit the model (vocabulary, classes)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        steps_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self._last_batch(batch_idx)
+        wrapped = self.trainer.strategy.model  # the DDP/FSDP wrapper, if any
+        total = torch.zeros((), device=self.device)
+        for i, (width, weight) in enumerate(zip(self.granularities, self.loss_weights)):
+            sync = steps_now and i == len(self.granularities) - 1
+            with gradient_sync(wrapped, sync):
+                loss = self.loss(batch, width)
+                self.manual_backward(loss * (weight / self.accumulate_grad_batches))
+            loss = loss.detach()
+            total += weight * loss
+            self.log(f"train/loss/w{width}", loss, batch_size=self.batch_size(batch))
+        if self.check_finite and not torch.isfinite(total):
+            raise FloatingPointError(
+                f"non-finite training loss ({total.item()}) at step {self.global_step}: "
+                f"per-width losses are logged under train/loss/w*. Lower the learning rate, "
+                f"check the data, or use bf16 rather than fp16."
+            )
+        self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
+        if steps_now:
+            norm = clip_grad_norm(wrapped, self.parameters(), self.gradient_clip_val)
+            self.log("train/grad_norm", norm)
+            self.log("train/lr", opt.param_groups[0]["lr"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        return total
+
+    def _last_batch(self, batch_idx: int) -> bool:
+        n = self.trainer.num_training_batches
+        return isinstance(n, int) and batch_idx + 1 == n
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(param_groups(self.model))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
+
+    # Evaluation --------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        for label, width in self.eval_settings():
+            self.update_metrics(self.metrics[stage][label], batch, width)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_epoch(self, stage: str) -> None:
+        for label, _ in self.eval_settings():
+            for name, value in self.compute_metrics(stage, self.metrics[stage][label]).items():
+                # The full and the smallest width's loss show in the progress bar.
+                shown = name == "loss" and label in (
+                    f"w{self.granularities[0]}",
+                    f"w{self.granularities[-1]}",
+                )
+                self.log(f"{stage}/{name}/{label}", value, prog_bar=shown)
+            for metric in self.metrics[stage][label].values():
+                metric.reset()
+
+    def compute_metrics(self, stage: str, metrics: nn.ModuleDict) -> dict[str, torch.Tensor]:
+        return {name: metric.compute() for name, metric in metrics.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # Checkpoints carry the model's config, so `load_model` rebuilds it without the YAML.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if hasattr(self.model, "config"):
+            checkpoint["matmamba"] = {
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "config": self.model.config.to_dict(),
+            }
+
+
+class LanguageModeling(NestedModule):
+    """Next-token prediction. Batches are token ids (B, L); metrics per width: loss (nats per
+    token), perplexity, and bits per byte when the data module knows its bytes per token."""
+
+    chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "ppl"), ("val", "bpb"))
+
+    def loss(self, batch: torch.Tensor, width: Width) -> torch.Tensor:
+        logits = self.model(batch[:, :-1], width=width)  # (B, L-1, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    def make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
+
+    @torch.no_grad()
+    def update_metrics(self, metrics: nn.ModuleDict, batch: torch.Tensor, width: Width) -> None:
+        metrics["loss"].update(self.loss(batch, width), weight=batch[:, 1:].numel())
+
+    def compute_metrics(self, stage: str, metrics: nn.ModuleDict) -> dict[str, torch.Tensor]:
+        loss = metrics["loss"].compute()
+        out = {"loss": loss, "ppl": torch.exp(loss)}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
+            out["bpb"] = loss / math.log(2) / datamodule.bytes_per_token(stage)
+        return out
+
+    def batch_size(self, batch: torch.Tensor) -> int:
+        return batch.shape[0]
+
+    def batch_tokens(self, batch: torch.Tensor) -> int:
+        return batch[:, :-1].numel()
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if hasattr(datamodule, "check_vocab"):
+            datamodule.check_vocab(self.model.config.vocab_size)
+
+
+class ImageClassification(NestedModule):
+    """Classification. Batches are (images (B, C, H, W), targets): class indices, or soft targets
+    (B, num_classes) from mixup/cutmix in training. Metrics per width: loss, top-1, top-5."""
+
+    chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "top1"), ("val", "top5"))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+        images, targets = batch
+        logits = self.model(images, width=width).float()  # (B, num_classes)
+        if targets.is_floating_point():  # soft targets
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        n = self.model.config.num_classes
+        return nn.ModuleDict(
+            {
+                "loss": torchmetrics.MeanMetric(),
+                "top1": torchmetrics.classification.MulticlassAccuracy(n, top_k=1, average="micro"),
+                "top5": torchmetrics.classification.MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
+            }
+        )
+
+    @torch.no_grad()
+    def update_metrics(self, metrics: nn.ModuleDict, batch: Any, width: Width) -> None:
+        images, targets = batch
+        logits = self.model(images, width=width).float()
+        metrics["loss"].update(F.cross_entropy(logits, targets), weight=targets.shape[0])
+        metrics["top1"].update(logits, targets)
+        metrics["top5"].update(logits, targets)
+
+    def batch_size(self, batch: Any) -> int:
+        return batch[0].shape[0]
+
+    def batch_tokens(self, batch: Any) -> int:
+        images = batch[0]
+        p = self.model.config.patch_size
+        return images.shape[0] * ((images.shape[-2] // p) * (images.shape[-1] // p) + 1)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if hasattr(datamodule, "check_num_classes"):
+            datamodule.check_num_classes(self.model.config.num_classes)
+
+
+def load_model(checkpoint_path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The plain-PyTorch model saved in a Lightning checkpoint of this project (no Lightning
+    needed to use it afterwards)."""
+    import importlib
+
+    from lit_matmamba.models.config import MatMambaConfig
+
+    ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    if "matmamba" not in ckpt:
+        raise ValueError(
+            f"{checkpoint_path} has no 'matmamba' entry: was it written by lit_matmamba's trainer?"
+        )
+    module_name, _, cls_name = ckpt["matmamba"]["class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    config = ckpt["matmamba"]["config"]
+    config["A_init_range"] = tuple(config["A_init_range"])
+    model = cls(MatMambaConfig(**config))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,51 @@
+"""Optimizer and schedule defaults (the paper's: AdamW, warmup then cosine decay)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Decay matrices only: biases, norm weights, A_log, D, dt_bias and positions are exempt
+    (1-D parameters or ones marked `_no_weight_decay`). The decayed group takes the optimizer's
+    own `weight_decay`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio` x the peak at
+    `max_steps` (held there after)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 1000,
+        max_steps: int = 100_000,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        if max_steps <= warmup_steps:
+            raise ValueError(f"max_steps ({max_steps}) must exceed warmup_steps ({warmup_steps})")
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        super().__init__(optimizer, factor)
+
+
+def adamw(
+    params: Iterable, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1
+) -> torch.optim.AdamW:
+    """The default optimizer; `params` are the module's parameter groups."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)

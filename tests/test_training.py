@@ -1,0 +1,221 @@
+"""The joint training step, its bookkeeping, and distributed gradient reduction."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_matmamba import MatMambaLM
+from lit_matmamba.models import MatMambaConfig
+from lit_matmamba.training import LanguageModeling
+
+VOCAB = 97
+
+
+def tiny_lm(seed: int = 0) -> MatMambaLM:
+    torch.manual_seed(seed)
+    return MatMambaLM(MatMambaConfig.from_name("lm-tiny", vocab_size=VOCAB))
+
+
+class TokenData(L.LightningDataModule):
+    """Fixed random token sequences, in order (so two runs see the same batches)."""
+
+    def __init__(self, n: int = 32, seq_len: int = 17, batch_size: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        self.data = torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.data[:8], batch_size=self.batch_size)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=1.0)
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**base, **kw})
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weights", [None, [0.4, 0.3, 0.2, 0.1]], ids=["equal", "weighted"])
+def test_step_gradient_equals_weighted_sum_of_width_losses(tmp_path, weights):
+    data = TokenData()
+    module = LanguageModeling(tiny_lm(), loss_weights=weights, optimizer=sgd, gradient_clip_val=None)
+    reference = copy.deepcopy(module.model)
+    before = params(module.model)
+    trainer(tmp_path, max_steps=1).fit(module, data)
+    after = params(module.model)
+
+    batch = next(iter(data.train_dataloader()))
+    ws = weights or [0.25] * 4
+    total = sum(w * reference.loss(batch, width) for w, width in zip(ws, reference.config.granularities))
+    total.backward()
+    for name, p in reference.named_parameters():
+        # SGD with lr 1: the update is minus the gradient
+        torch.testing.assert_close(before[name] - after[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+    data = TokenData(batch_size=2)
+    module = LanguageModeling(
+        tiny_lm(), granularities=[64, 16], optimizer=sgd, gradient_clip_val=None, accumulate_grad_batches=2
+    )
+    reference = copy.deepcopy(module.model)
+    before = params(module.model)
+    trainer(tmp_path, max_steps=1).fit(module, data)
+    assert module.global_step == 1
+    after = params(module.model)
+    loader = iter(data.train_dataloader())
+    for batch in (next(loader), next(loader)):
+        (sum(0.5 * reference.loss(batch, w) for w in (64, 16)) / 2).backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(before[name] - after[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    module = LanguageModeling(tiny_lm(), optimizer=sgd, gradient_clip_val=1e-3)
+    before = params(module.model)
+    trainer(tmp_path, max_steps=1).fit(module, TokenData())
+    update = torch.sqrt(
+        sum(((before[n] - p.detach()) ** 2).sum() for n, p in module.model.named_parameters())
+    )
+    assert update <= 1e-3 * 1.001
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    module = LanguageModeling(tiny_lm(), optimizer=sgd)
+    with torch.no_grad():
+        module.model.backbone.norm_f.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        trainer(tmp_path, max_steps=1).fit(module, TokenData())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(granularities=[64, 30]), "granularities: width 30"),
+        (dict(granularities=[]), "empty"),
+        (dict(loss_weights=[1.0]), "loss_weights has 1"),
+        (dict(mixnmatch=[[64]]), "mixnmatch\\[0\\]"),
+        (dict(accumulate_grad_batches=0), "accumulate_grad_batches"),
+    ],
+)
+def test_bad_module_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LanguageModeling(tiny_lm(), **kwargs)
+
+
+def test_resume_gives_the_same_next_loss(tmp_path):
+    def module():
+        return LanguageModeling(tiny_lm(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+    class Recorder(L.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    # One batch per epoch, so every step sees the same data and this tests the module's state
+    # (weights, AdamW moments, step count); resuming mid-epoch data is the data module's job and
+    # is tested with it (tests/test_text_data.py).
+    straight = Recorder()
+    trainer(tmp_path / "a", max_steps=6, callbacks=[straight]).fit(module(), TokenData(n=4))
+
+    first = trainer(tmp_path / "b", max_steps=3)
+    first.fit(module(), TokenData(n=4))
+    first.save_checkpoint(tmp_path / "b.ckpt")
+    resumed = Recorder()
+    trainer(tmp_path / "c", max_steps=6, callbacks=[resumed]).fit(
+        module(), TokenData(n=4), ckpt_path=tmp_path / "b.ckpt"
+    )
+    assert len(resumed.losses) == 3
+    assert resumed.losses == pytest.approx(straight.losses[3:], rel=1e-6)
+
+
+# Distributed: gradients reduced once per optimizer step -----------------------------------------
+class CountReductions(L.Callback):
+    """Counts DDP gradient all-reduces (through a comm hook) per optimizer step."""
+
+    def __init__(self):
+        self.calls = 0
+        self.per_step = []
+
+    def on_train_start(self, trainer, pl_module):
+        def hook(state, bucket):
+            self.calls += 1
+            fut = torch.futures.Future()
+            tensor = bucket.buffer()
+            torch.distributed.all_reduce(tensor)
+            fut.set_result(tensor / torch.distributed.get_world_size())
+            return fut
+
+        trainer.strategy.model.register_comm_hook(None, hook)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_step.append(self.calls)
+        self.calls = 0
+
+    def on_train_end(self, trainer, pl_module):
+        # every rank ends with the same weights (the gradients were averaged)
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(gathered, flat)
+        assert all(torch.equal(g, gathered[0]) for g in gathered)
+        path = trainer.default_root_dir + f"/calls-{len(pl_module.granularities)}-{trainer.global_rank}.txt"
+        with open(path, "w") as f:
+            f.write(" ".join(map(str, self.per_step)))
+
+
+class RankData(TokenData):
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        return DataLoader(self.data[rank::2], batch_size=self.batch_size)  # different data per rank
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_reduces_gradients_once_per_optimizer_step(tmp_path):
+    counts = {}
+    for grans in ([64], [64, 32, 16, 8]):
+        t = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
+            limit_val_batches=0,
+            callbacks=[CountReductions()],
+        )
+        t.fit(LanguageModeling(tiny_lm(), granularities=grans, optimizer=sgd), RankData())
+        counts[len(grans)] = [(tmp_path / f"calls-{len(grans)}-{r}.txt").read_text() for r in (0, 1)]
+    single = [int(c) for c in counts[1][0].split()]
+    joint = [int(c) for c in counts[4][0].split()]
+    assert len(joint) == 3 and min(single) > 0
+    assert joint == single, f"reductions per step: one width {single}, four widths {joint}"
