@@ -39,11 +39,14 @@ def prepare_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
     if kind == "text":
         from lit_matmamba.data.prepare_text import cli
+
+        cli(rest)
     elif kind == "images":
         from lit_matmamba.data.prepare_images import cli
+
+        raise SystemExit(cli(rest, prog="python main.py prepare images"))
     else:
         raise SystemExit(f"unknown prepare target {kind!r}\n{usage}")
-    cli(rest)
 
 
 def main(args: list[str] | None = None) -> MatMambaCLI | None:

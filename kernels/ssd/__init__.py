@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import warnings
+
 import torch
 
 from ..backend import use_triton
@@ -24,11 +28,24 @@ def ssd_scan(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See `ssd_ref` for shapes. The GPU path is mamba-ssm's Triton SSD kernel."""
-    if use_triton(backend, x):
+    if use_triton(backend, x) and (backend == "triton" or _mamba_ssm_installed()):
         from .kernel import ssd_triton
 
         return ssd_triton(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
     return ssd_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
+
+
+@functools.cache
+def _mamba_ssm_installed() -> bool:
+    """backend="auto" on CUDA without mamba-ssm falls back to the reference scan, once with a warning."""
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        return True
+    warnings.warn(
+        "mamba-ssm is not installed: the SSD scan runs the PyTorch reference on the GPU (slow). "
+        "Install it for the fast path (see README, GPU install).",
+        stacklevel=3,
+    )
+    return False
 
 
 def ssd_step(

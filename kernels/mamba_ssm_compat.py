@@ -1,0 +1,62 @@
+"""The one place that imports mamba-ssm's Triton kernels.
+
+Why a shim: mamba-ssm's package `__init__` (2.3.x and earlier) unconditionally imports the Mamba-1
+CUDA extension (`selective_scan_cuda`, via `mamba_ssm.ops.selective_scan_interface`) and the model
+classes. That extension is often not built (a `--no-build-isolation` install against another torch,
+a CPU-only machine) and the import fails, although the pure-Triton modules we need
+(`mamba_ssm.ops.triton.*`) import fine. So when `mamba_ssm` is not imported yet, we register an
+empty package module for it (the real package's directory as `__path__`, its `__init__` never
+executed): `import mamba_ssm.ops.triton.ssd_combined` then finds the submodules without running it.
+
+Side effect, by design: for the rest of the process `import mamba_ssm` returns that empty package
+(its submodules import normally; the top-level re-exports such as `mamba_ssm.Mamba2` are absent).
+If `mamba_ssm` was imported before (it worked), it is used as it is.
+
+Importing this module imports nothing from mamba-ssm; the getters do, and raise an ImportError that
+says how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+
+_PACKAGE = "mamba_ssm"
+_INSTALL_HINT = (
+    "mamba-ssm's Triton kernels are needed here (the GPU SSD path; its CUDA extensions are not used), "
+    "so install it without building them: `MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation "
+    "--no-deps mamba-ssm` next to torch, triton and einops (see the README, 'GPU install')."
+)
+
+
+def _import(submodule: str):
+    """Import `mamba_ssm.<submodule>` without executing mamba_ssm/__init__.py (see the module docstring)."""
+    if _PACKAGE not in sys.modules:
+        spec = importlib.util.find_spec(_PACKAGE)  # locates the package, executes nothing
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError(f"`{_PACKAGE}` is not installed. {_INSTALL_HINT}")
+        # module_from_spec sets __path__, __spec__, __file__ as for the real package; we never call
+        # spec.loader.exec_module, so the package's __init__ does not run.
+        sys.modules[_PACKAGE] = importlib.util.module_from_spec(spec)
+    name = f"{_PACKAGE}.{submodule}"
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"could not import `{name}`: {e}. {_INSTALL_HINT}") from e
+
+
+def get_mamba_chunk_scan_combined() -> Callable:
+    """mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined (the chunked SSD scan, with autograd)."""
+    return _import("ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+def get_rmsnorm_fn() -> Callable:
+    """mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn (gated RMSNorm; a baseline for ours)."""
+    return _import("ops.triton.layernorm_gated").rmsnorm_fn
+
+
+def get_selective_state_update() -> Callable:
+    """mamba_ssm.ops.triton.selective_state_update.selective_state_update (one decoding step)."""
+    return _import("ops.triton.selective_state_update").selective_state_update

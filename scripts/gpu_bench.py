@@ -1,0 +1,238 @@
+"""Benchmark on one GPU, in one process: stock mamba-ssm Mamba2 LMs at each nested inner width,
+the project's nested model at each width (training and inference, eager and CUDA-graphed), the
+joint four-granularity training step, and a bf16 matmul ceiling measured in the same run.
+
+    python scripts/gpu_bench.py --preset lm-1.4b --batch 8 --seq 1024 --out $OUT/bench-1.4b.json
+
+Model FLOPs (for MFU) = 6 x tokens x matmul parameters used at the width (LM head included) plus
+3 x the SSD scan's forward FLOPs (see lit_matmamba/models/flops.py); inference: 2x and 1x.
+MFU is against the H200's dense bf16 datasheet peak (989 TFLOP/s) and, in brackets, against the
+matmul ceiling measured here. Times are medians of CUDA-event-timed repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
+from lit_matmamba.models.flops import flops_per_token  # noqa: E402
+
+PEAK = 989e12
+
+
+def bench(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() over reps, CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_ceiling() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b, warmup=3, reps=20)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int):
+    # Import mamba-ssm through the project's shim (which skips the package __init__). The stock
+    # LM module still imports the Mamba-1 scan interface, which imports its CUDA extension; a
+    # MAMBA_SKIP_CUDA_BUILD install lacks it and the Mamba2 LM never calls it: an empty stand-in.
+    from lit_matmamba.kernels.mamba_ssm_compat import get_mamba_chunk_scan_combined
+
+    get_mamba_chunk_scan_combined()
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_intermediate=0,
+                      ssm_cfg=dict(layer="Mamba2", expand=expand, headdim=headdim, use_mem_eff_path=False),
+                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)
+    return MambaLMHeadModel(cfg, device="cuda")
+
+
+def lm_loss(model, ids, width=None):
+    logits = model(ids[:, :-1]).logits if width is None else model(ids[:, :-1], width=width)
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def peak_mem(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="lm-1.4b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--skip-graphs", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    amp = dict(device_type="cuda", dtype=torch.bfloat16)
+    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "device": torch.cuda.get_device_name(),
+                     "torch": torch.__version__}
+    t0 = time.time()
+    results["matmul_tflops"] = matmul_ceiling() / 1e12
+    print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
+
+    model = MatMambaLM(args.preset).cuda()
+    cfg = model.config
+    grans = list(cfg.granularities)
+    tokens = args.batch * args.seq
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
+
+    def mfu(ms: float, flops_tok: float) -> tuple[float, float]:
+        achieved = flops_tok * tokens / (ms / 1e3)
+        return achieved / PEAK, achieved / (results["matmul_tflops"] * 1e12)
+
+    rows = []
+
+    # (a) stock mamba-ssm, one standalone model per inner width.
+    if not args.skip_stock:
+        for w in grans:
+            expand = cfg.expand * w / cfg.d_model
+            stock = stock_lm(cfg.d_model, cfg.n_layer, cfg.vocab_size, expand, cfg.d_model // 32)
+
+            def train_step(m=stock):
+                with torch.autocast(**amp):
+                    loss = lm_loss(m, ids)
+                loss.backward()
+
+            def infer(m=stock):
+                with torch.no_grad(), torch.autocast(**amp):
+                    m(ids[:, :-1])
+
+            ms_train = bench(train_step, reps=args.reps)
+            ms_inf = bench(infer, reps=args.reps)
+            mem = peak_mem(train_step)
+            stock.zero_grad(set_to_none=True)
+            ft = flops_per_token(model, model.widths(w), training=True, seq_len=args.seq)
+            rows.append(dict(kind="stock", width=w, train_ms=ms_train, infer_ms=ms_inf, peak_gib=mem,
+                             train_mfu=mfu(ms_train, ft)[0]))
+            print(f"stock  w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  peak {mem:5.1f} GiB", flush=True)
+            del stock
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    # (b) the nested model at each width, eager and graphed.
+    for w in grans:
+        def train_step(w=w):
+            with torch.autocast(**amp):
+                loss = lm_loss(model, ids, w)
+            loss.backward()
+
+        def infer(w=w):
+            with torch.no_grad(), torch.autocast(**amp):
+                model(ids[:, :-1], width=w)
+
+        ms_train = bench(train_step, reps=args.reps)
+        model.zero_grad(set_to_none=True)
+        ms_inf = bench(infer, reps=args.reps)
+        mem = peak_mem(train_step)
+        model.zero_grad(set_to_none=True)
+        row = dict(kind="nested", width=w, train_ms=ms_train, infer_ms=ms_inf, peak_gib=mem,
+                   train_mfu=mfu(ms_train, flops_per_token(model, model.widths(w), True, args.seq))[0])
+        if not args.skip_graphs:
+            try:
+                graphed = GraphedForward(model, ids[:, :-1], width=w)
+                row["infer_graph_ms"] = bench(lambda g=graphed: g(ids[:, :-1]), reps=args.reps)
+                del graphed
+            except Exception as err:  # noqa: BLE001 - report, keep benchmarking
+                row["infer_graph_error"] = repr(err)[:300]
+        rows.append(row)
+        print(f"nested w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  "
+              f"graph {row.get('infer_graph_ms', float('nan')):7.1f} ms  peak {mem:5.1f} GiB", flush=True)
+        torch.cuda.empty_cache()
+
+    # (c) the joint step: every granularity forward+backward, one AdamW step.
+    weights = [1.0 / len(grans)] * len(grans)
+    joint_flops = sum(flops_per_token(model, model.widths(w), True, args.seq) for w in grans) * tokens
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def joint_step():
+        for w, wt in zip(grans, weights):
+            with torch.autocast(**amp):
+                loss = lm_loss(model, ids, w)
+            (loss * wt).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    joint_step()  # create optimizer state before measuring memory
+    ms_joint = bench(joint_step, reps=args.reps)
+    mem_joint = peak_mem(joint_step)
+    params_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    results["joint"] = dict(ms=ms_joint, tokens_per_s=tokens / (ms_joint / 1e3), mfu=joint_flops / (ms_joint / 1e3) / PEAK,
+                            mfu_vs_measured=joint_flops / (ms_joint / 1e3) / (results["matmul_tflops"] * 1e12),
+                            peak_gib=mem_joint, params_gib=params_gib, optimizer_state_gib=2 * params_gib)
+    print(f"joint eager {ms_joint:.1f} ms  MFU {results['joint']['mfu']:.1%}  peak {mem_joint:.1f} GiB", flush=True)
+    del opt
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    if not args.skip_graphs:
+        try:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
+                                    capturable=True, foreach=True)
+            step = GraphedJointStep(model, opt, ids, grans, weights, lambda m, x, w: lm_loss(m, x, w))
+            ms_g = bench(lambda: step(ids), reps=args.reps)
+            results["joint"]["graph_ms"] = ms_g
+            results["joint"]["graph_mfu"] = joint_flops / (ms_g / 1e3) / PEAK
+            print(f"joint graph {ms_g:.1f} ms  MFU {results['joint']['graph_mfu']:.1%}", flush=True)
+            del step, opt
+        except Exception as err:  # noqa: BLE001
+            results["joint"]["graph_error"] = repr(err)[:500]
+            print("joint graph failed:", repr(err)[:500], flush=True)
+
+    results["rows"] = rows
+    results["wall_s"] = time.time() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+    # Summary table last (the device tool returns the end of the output).
+    print(f"\n== {args.preset} batch {args.batch} seq {args.seq} on {results['device']} "
+          f"(matmul ceiling {results['matmul_tflops']:.0f} TFLOP/s)")
+    print(f"{'kind':7s} {'width':>6s} {'train ms':>9s} {'infer ms':>9s} {'graph ms':>9s} {'MFU':>6s} {'GiB':>6s}")
+    for r in rows:
+        print(f"{r['kind']:7s} {r['width']:6d} {r['train_ms']:9.1f} {r['infer_ms']:9.1f} "
+              f"{r.get('infer_graph_ms', float('nan')):9.1f} {r['train_mfu']:6.1%} {r['peak_gib']:6.1f}")
+    j = results["joint"]
+    stock_sum = sum(r["train_ms"] for r in rows if r["kind"] == "stock")
+    print(f"joint step eager {j['ms']:.1f} ms (MFU {j['mfu']:.1%}), graphed {j.get('graph_ms', float('nan')):.1f} ms "
+          f"(MFU {j.get('graph_mfu', float('nan')):.1%}); sum of stock fwd+bwd {stock_sum:.1f} ms; "
+          f"peak {j['peak_gib']:.1f} GiB (params {j['params_gib']:.1f}, AdamW state {j['optimizer_state_gib']:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""GPU check of the Triton kernels: correctness against the references and timings.
+
+For each op (causal conv1d, gated RMSNorm, SSD scan via mamba-ssm) in fp32 and bf16 at realistic
+sizes: relative errors of outputs and gradients against the PyTorch reference run in float64 on the
+same inputs, then the median time (triton.testing.do_bench) of forward and forward+backward of the
+Triton op, of the reference in the op's dtype, of cuDNN's depthwise conv1d (conv) and of mamba-ssm's
+rmsnorm_fn (norm, when mamba-ssm is installed). Prints tables, writes JSON, exits 1 if a check fails.
+
+Needs torch, triton and (for the SSD section) mamba-ssm; the project itself need not be installed,
+the kernels are loaded from this checkout:
+    python scripts/gpu_kernel_check.py --out "$OUT/kernels.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def import_kernels():
+    """This checkout's kernels/ as `lit_matmamba.kernels` (the mapping pyproject.toml declares), whether
+    or not the project is installed; `lit_matmamba` itself (the models, Lightning) is not imported."""
+    spec = importlib.util.spec_from_file_location(
+        "lit_matmamba.kernels",
+        REPO / "kernels" / "__init__.py",
+        submodule_search_locations=[str(REPO / "kernels")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lit_matmamba.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels = import_kernels()
+# import_module, not `from lit_matmamba.kernels import ...`: that statement also imports `lit_matmamba`.
+mamba_ssm_compat = importlib.import_module("lit_matmamba.kernels.mamba_ssm_compat")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Norm-relative error bounds: the kernels accumulate in fp32, so fp32 results sit at rounding level and
+# bf16 ones at their output rounding; mamba-ssm's SSD multiplies in TF32.
+TOL = {
+    ("conv", "fp32"): 1e-5,
+    ("conv", "bf16"): 1e-2,
+    ("norm", "fp32"): 1e-5,
+    ("norm", "bf16"): 1e-2,
+    ("ssd", "fp32"): 1e-2,
+    ("ssd", "bf16"): 5e-2,
+}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def outputs_and_grads(fn: Callable, inputs: list[torch.Tensor], cotangents: list[torch.Tensor] | None):
+    """fn(*inputs) -> tuple of outputs; returns (outputs, grads of sum(out * cotangent) w.r.t. inputs)."""
+    outs = fn(*inputs)
+    if cotangents is None:
+        cotangents = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, [c.to(o.dtype) for c, o in zip(cotangents, outs)])
+    return outs, grads, cotangents
+
+
+def compare(op, dtype_name, shape, names, fast_fn, ref_fn, inputs, results) -> None:
+    """Triton op vs reference in float64 on the same inputs; appends one row per tensor."""
+    fast_in = [leaf(t) for t in inputs]
+    outs, grads, cot = outputs_and_grads(fast_fn, fast_in, None)
+    ref_in = [leaf(t.double()) for t in inputs]
+    ref_outs, ref_grads, _ = outputs_and_grads(ref_fn, ref_in, [c.double() for c in cot])
+    tol = TOL[(op, dtype_name)]
+    for name, a, b in zip(names, list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+        err = rel_err(a, b)
+        ok = bool(err <= tol and torch.isfinite(a).all())
+        results.append(dict(op=op, dtype=dtype_name, shape=shape, tensor=name, rel_err=err, tol=tol, ok=ok))
+        print(
+            f"  {op:5s} {dtype_name:5s} {name:16s} rel_err {err:9.2e}  (tol {tol:.0e}) {'ok' if ok else 'FAIL'}"
+        )
+
+
+def bench(fn: Callable) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def time_impls(op, dtype_name, shape, impls: dict[str, Callable], inputs, min_bytes: dict[str, int], results):
+    """Median ms of each impl's forward and forward+backward (autograd.grad into all inputs)."""
+    inputs = [leaf(t) for t in inputs]
+    for impl, fn in impls.items():
+        with torch.no_grad():
+            fwd_ms = bench(lambda fn=fn: fn(*inputs))
+        outs = fn(*inputs)
+        cot = [torch.randn_like(o) for o in outs]
+        fwdbwd_ms = bench(lambda fn=fn, cot=cot: torch.autograd.grad(fn(*inputs), inputs, cot))
+        for kind, ms in (("fwd", fwd_ms), ("fwd+bwd", fwdbwd_ms)):
+            gbps = min_bytes[kind] / ms / 1e6 if kind in min_bytes else None
+            results.append(dict(op=op, dtype=dtype_name, shape=shape, impl=impl, step=kind, ms=ms, gbps=gbps))
+            bw = f"{gbps:7.0f} GB/s" if gbps else ""
+            print(f"  {op:5s} {dtype_name:5s} {impl:18s} {kind:8s} {ms:9.3f} ms {bw}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def conv_section(check_shape, time_shape, correctness, timing) -> None:
+    k = 4
+
+    def make(bsz, seqlen, channels, dtype, init):
+        x = torch.randn(bsz, seqlen, channels, device="cuda").to(dtype)
+        w_param = 0.5 * torch.randn(channels + 64, 1, k, device="cuda")  # fp32 parameter, a prefix is used
+        b_param = torch.randn(channels + 64, device="cuda")
+        inputs = [x, w_param, b_param]
+        if init:
+            inputs.append(torch.randn(bsz, channels, k - 1, device="cuda").to(dtype))
+        return inputs
+
+    def op(backend, channels):
+        def fn(x, w_param, b_param, init=None):
+            return kernels.causal_conv1d(
+                x, w_param[:channels, 0, :], b_param[:channels], init, activation=True, backend=backend
+            )
+
+        return fn
+
+    def cudnn(channels, seqlen, dtype):
+        """Depthwise conv1d + SiLU on (B, C, L), the layout cuDNN wants."""
+
+        def fn(xt, w_param, b_param):
+            w, b = w_param[:channels].to(dtype), b_param[:channels].to(dtype)
+            return (F.silu(F.conv1d(xt, w, b, padding=k - 1, groups=channels)[..., :seqlen]),)
+
+        return fn
+
+    for dtype_name, dtype in DTYPES.items():
+        for init in (False, True):
+            bsz, seqlen, channels = check_shape
+            names = ["y", "final_state", "dx", "dweight", "dbias"] + (["dinitial_state"] if init else [])
+            compare(
+                "conv",
+                dtype_name,
+                [bsz, seqlen, channels, k, "init" if init else "no-init"],
+                names,
+                op("triton", channels),
+                op("reference", channels),
+                make(bsz, seqlen, channels, dtype, init),
+                correctness,
+            )
+        bsz, seqlen, channels = time_shape
+        x, w_param, b_param = make(bsz, seqlen, channels, dtype, False)
+        xt = x.transpose(1, 2).contiguous()  # (B, C, L): cuDNN's layout, transposed outside the timing
+
+        size = x.numel() * x.element_size()
+        min_bytes = {
+            "fwd": 2 * size,
+            "fwd+bwd": 5 * size,
+        }  # fwd reads x, writes y; bwd reads x, dy, writes dx
+        shape = [bsz, seqlen, channels, k]
+        for impl, fn in (("triton", op("triton", channels)), ("reference", op("reference", channels))):
+            time_impls("conv", dtype_name, shape, {impl: fn}, [x, w_param, b_param], min_bytes, timing)
+        time_impls(
+            "conv",
+            dtype_name,
+            shape,
+            {"cudnn (B,C,L)": cudnn(channels, seqlen, dtype)},
+            [xt, w_param, b_param],
+            min_bytes,
+            timing,
+        )
+
+
+def norm_section(check_shape, time_shape, correctness, timing) -> None:
+    try:
+        mamba_rmsnorm = mamba_ssm_compat.get_rmsnorm_fn()
+    except ImportError as e:
+        print(f"  (mamba-ssm rmsnorm_fn not timed: {e})")
+        mamba_rmsnorm = None
+
+    def op(backend, d, ngroups):
+        def fn(x, zxbcdt, w_param):
+            z = zxbcdt[..., :d]  # a strided view, as in the mixer
+            return (kernels.gated_rmsnorm(x, z, w_param[:d], 1e-5, d // ngroups, False, backend=backend),)
+
+        return fn
+
+    def mamba(d, ngroups):
+        def fn(x, zxbcdt, w_param):
+            return (
+                mamba_rmsnorm(
+                    x,
+                    w_param[:d],
+                    None,
+                    z=zxbcdt[..., :d],
+                    eps=1e-5,
+                    group_size=d // ngroups,
+                    norm_before_gate=False,
+                ),
+            )
+
+        return fn
+
+    def make(rows, d, dtype):
+        x = torch.randn(rows, d, device="cuda").to(dtype)
+        zxbcdt = torch.randn(rows, 2 * d + 320, device="cuda").to(dtype)
+        w_param = 1 + 0.3 * torch.randn(d + 512, device="cuda")
+        return [x, zxbcdt, w_param]
+
+    for dtype_name, dtype in DTYPES.items():
+        for ngroups in (1, 8):
+            rows, d = check_shape
+            compare(
+                "norm",
+                dtype_name,
+                [rows, d, ngroups],
+                ["y", "dx", "dz", "dweight"],
+                op("triton", d, ngroups),
+                op("reference", d, ngroups),
+                make(rows, d, dtype),
+                correctness,
+            )
+            rows, d = time_shape
+            inputs = make(rows, d, dtype)
+            size = inputs[0].numel() * inputs[0].element_size()
+            impls = {"triton": op("triton", d, ngroups), "reference": op("reference", d, ngroups)}
+            if mamba_rmsnorm is not None:
+                impls["mamba-ssm rmsnorm"] = mamba(d, ngroups)
+            # fwd reads x, z, writes y; bwd reads x, z, dy, writes dx, dz
+            time_impls(
+                "norm",
+                dtype_name,
+                [rows, d, ngroups],
+                impls,
+                inputs,
+                {"fwd": 3 * size, "fwd+bwd": 8 * size},
+                timing,
+            )
+
+
+def ssd_section(check_shape, time_shape, correctness, timing) -> None:
+    chunk = 256
+
+    def make(bsz, seqlen, nheads, headdim, ngroups, dstate, dtype):
+        return [
+            torch.randn(bsz, seqlen, nheads, headdim, device="cuda").to(dtype),  # x
+            (torch.randn(bsz, seqlen, nheads, device="cuda") - 2.0).to(dtype),  # dt
+            -torch.rand(nheads, device="cuda") * 4 - 0.5,  # A
+            (torch.randn(bsz, seqlen, ngroups, dstate, device="cuda") / dstate**0.5).to(dtype),  # B
+            (torch.randn(bsz, seqlen, ngroups, dstate, device="cuda") / dstate**0.5).to(dtype),  # C
+            torch.randn(nheads, device="cuda"),  # D
+            torch.randn(nheads, device="cuda") * 0.5,  # dt_bias
+            torch.randn(bsz, nheads, headdim, dstate, device="cuda"),  # initial_state
+        ]
+
+    def op(backend):
+        def fn(x, dt, A, B, C, D, dt_bias, initial_state):
+            return kernels.ssd_scan(x, dt, A, B, C, chunk, D, dt_bias, True, initial_state, backend=backend)
+
+        return fn
+
+    names = ["y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias", "dinitial_state"]
+    for dtype_name, dtype in DTYPES.items():
+        compare(
+            "ssd",
+            dtype_name,
+            list(check_shape),
+            names,
+            op("triton"),
+            op("reference"),
+            make(*check_shape, dtype),
+            correctness,
+        )
+        time_impls(
+            "ssd",
+            dtype_name,
+            list(time_shape),
+            {"triton (mamba-ssm)": op("triton"), "reference": op("reference")},
+            make(*time_shape, dtype),
+            {},
+            timing,
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
+    parser.add_argument("--out", default=default_out, help="JSON output path (default: $OUT/kernels.json)")
+    parser.add_argument("--ops", default="conv,norm,ssd", help="comma-separated subset of conv,norm,ssd")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    try:
+        mamba_version = importlib.metadata.version("mamba-ssm")
+    except importlib.metadata.PackageNotFoundError:
+        mamba_version = None
+    report = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        mamba_ssm=mamba_version,
+        correctness=[],
+        timing=[],
+        errors={},
+    )
+    print(
+        f"{report['device']}  torch {torch.__version__}  triton {triton.__version__}  mamba-ssm {mamba_version}"
+    )
+    sections = {
+        # conv: (B, L, C) with C = 2 * ngroups * d_state + nheads * headdim = 2*128 + 128*64
+        "conv": (conv_section, (2, 2048, 8448), (4, 4096, 8448)),
+        # norm: (rows = B*L, d)
+        "norm": (norm_section, (4096, 8192), (16384, 8192)),
+        # ssd: (b, l, h, p, g, n); l not a multiple of the chunk size in the check
+        "ssd": (ssd_section, (2, 1000, 32, 64, 1, 128), (4, 4096, 128, 64, 1, 128)),
+    }
+    for name in args.ops.split(","):
+        section, check_shape, time_shape = sections[name]
+        print(f"\n== {name}")
+        torch.manual_seed(0)
+        try:
+            section(check_shape, time_shape, report["correctness"], report["timing"])
+        except ImportError as e:  # mamba-ssm missing: the SSD path cannot run here
+            print(f"  skipped: {e}")
+            report["errors"][name] = f"skipped: {e}"
+        except Exception:
+            traceback.print_exc()
+            report["errors"][name] = traceback.format_exc()
+        torch.cuda.empty_cache()
+    failures = [r for r in report["correctness"] if not r["ok"]]
+    crashed = [k for k, v in report["errors"].items() if not v.startswith("skipped")]
+    print(
+        f"\n{len(report['correctness']) - len(failures)}/{len(report['correctness'])} checks ok; crashed: {crashed or 'none'}"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 1 if failures or crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
