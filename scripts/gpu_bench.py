@@ -107,7 +107,8 @@ def main() -> None:
     results["matmul_tflops"] = matmul_ceiling() / 1e12
     print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
 
-    model = MatMambaLM(args.preset).cuda()
+    with torch.device("cuda"):  # initialise on the GPU: a 1.4B model takes minutes on the host
+        model = MatMambaLM(args.preset)
     cfg = model.config
     grans = list(cfg.granularities)
     tokens = args.batch * args.seq

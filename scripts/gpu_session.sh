@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU-machine session (see shared/docs/gpu.md): install the project and the carried mamba-ssm
+# wheel (.whl/, built with MAMBA_SKIP_CUDA_BUILD), run the GPU tests, the kernel check and the
+# benchmark. Everything lands in $OUT. Usage: bash scripts/gpu_session.sh [tests] [kernels] [bench:PRESET:BATCH ...]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for step in "$@"; do
+  case "$step" in
+    tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
+    kernels) timeout 300 python3 scripts/gpu_kernel_check.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    bench:*) IFS=: read -r _ preset batch <<< "$step"
+      timeout 420 python3 scripts/gpu_bench.py --preset "$preset" --batch "$batch" --seq 1024 --out "$OUT/bench-$preset.json" 2>&1 | tee "$OUT/bench-$preset.log" | tail -25 ;;
+  esac
+done
