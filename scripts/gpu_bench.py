@@ -58,6 +58,17 @@ def matmul_ceiling() -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
+class _Expand(float):
+    """mamba-ssm 2.3.2 computes d_inner = (expand * d_model) // world_size, a float for a float
+    expand, and fails to build layers with expand < 1; this expand multiplies to whole ints."""
+
+    def __mul__(self, other):
+        product = float(self) * other
+        return int(product) if float(product).is_integer() else product
+
+    __rmul__ = __mul__
+
+
 def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int):
     # Import mamba-ssm through the project's shim (which skips the package __init__). The stock
     # LM module still imports the Mamba-1 scan interface, which imports its CUDA extension; a
@@ -70,7 +81,7 @@ def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_intermediate=0,
-                      ssm_cfg=dict(layer="Mamba2", expand=expand, headdim=headdim, use_mem_eff_path=False),
+                      ssm_cfg=dict(layer="Mamba2", expand=_Expand(expand), headdim=headdim, use_mem_eff_path=False),
                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)
     return MambaLMHeadModel(cfg, device="cuda")
 

@@ -69,3 +69,26 @@ def test_gpu_decode_matches_forward(width):
         pre = fast(ids[:, :40], width, cache)
         steps = torch.stack([fast.step(ids[:, t], cache) for t in range(40, 70)], 1)
     assert rel(pre, full[:, :40]) < 1e-3 and rel(steps, full[:, 40:]) < 1e-3
+
+
+@pytest.mark.parametrize("width", [None, 128], ids=["full", "w128"])
+def test_export_loads_in_stock_mamba_ssm(width, tmp_path):
+    """A uniform sub-model exported with `save_mamba_ssm` loads in stock `MambaLMHeadModel` and
+    gives the nested model's logits. (mamba-ssm 2.3.2 builds Mamba2 layers only for a whole-number
+    expand: widths D and D/2 of an expand-2 model.)"""
+    import sys
+    import types
+
+    from lit_matmamba.kernels.mamba_ssm_compat import get_mamba_chunk_scan_combined
+    from lit_matmamba.models.interop import save_mamba_ssm
+
+    get_mamba_chunk_scan_combined()  # imports mamba-ssm through the shim
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # Mamba-1 only
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    fast, _ = pair(torch.float32)
+    path = save_mamba_ssm(fast, tmp_path / "export", width)
+    stock = MambaLMHeadModel.from_pretrained(str(path), device="cuda", dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 100), device="cuda")
+    with torch.no_grad():
+        assert rel(stock(ids).logits, fast(ids, width)) < 2e-3
