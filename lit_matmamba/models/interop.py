@@ -49,6 +49,9 @@ def mamba_ssm_config(config: MatMambaConfig, width: int | None = None) -> dict[s
     if not config.is_valid_width(width, 0):
         raise ValueError(f"width {width} is not a valid width of this model")
     expand = config.expand * width / config.d_model
+    # mamba-ssm 2.3.2 computes d_inner = (expand * d_model) // world_size: a float expand gives a
+    # float size and the layer fails to build, so write whole numbers as ints.
+    expand = int(expand) if expand.is_integer() else expand
     if int(expand * config.d_model) != config.expand * width:
         raise ValueError(f"width {width}: expand={expand} does not give a whole inner width in mamba-ssm")
     return dict(

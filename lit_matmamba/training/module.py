@@ -178,10 +178,17 @@ class NestedModule(L.LightningModule):
         optimizer = self.optimizer_factory(param_groups(self.model))
         if self.scheduler_factory is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "max_steps", 0) is None:  # WarmupCosine: the schedule spans the whole fit
+            scheduler.set_max_steps(self.total_optimizer_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole fit (the Trainer's estimate counts batches; this module
+        accumulates micro-batches itself)."""
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return max(1, int(self.trainer.estimated_stepping_batches) // self.accumulate_grad_batches)
 
     # Evaluation --------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch: Any) -> None:

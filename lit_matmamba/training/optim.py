@@ -23,25 +23,31 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio` x the peak at
-    `max_steps` (held there after)."""
+    `max_steps` (held there after). `max_steps` None: the trainer's total number of optimizer
+    steps, filled in by the training module, so the schedule length is stated once."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        warmup_steps: int = 1000,
-        max_steps: int = 100_000,
-        min_lr_ratio: float = 0.1,
-    ) -> None:
-        if max_steps <= warmup_steps:
-            raise ValueError(f"max_steps ({max_steps}) must exceed warmup_steps ({warmup_steps})")
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 1000, max_steps: int | None = None,
+                 min_lr_ratio: float = 0.1) -> None:
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        if max_steps is not None:
+            self._check()
+        super().__init__(optimizer, self.factor)
 
-        def factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def _check(self) -> None:
+        if self.max_steps <= self.warmup_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) must exceed warmup_steps ({self.warmup_steps})")
 
-        super().__init__(optimizer, factor)
+    def set_max_steps(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self._check()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.max_steps is None:  # before the module has set it: hold the peak
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.max_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def adamw(
