@@ -1,0 +1,62 @@
+"""Profile one eager joint training step (every granularity fwd+bwd + AdamW) on the GPU and write
+the kernel table (by CUDA time) and a host-vs-device summary.
+
+    python scripts/gpu_profile.py --preset lm-1.4b --batch 8 --out $OUT/profile-1.4b.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lit_matmamba import MatMambaLM  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="lm-1.4b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.txt"))
+    args = ap.parse_args()
+    with torch.device("cuda"):
+        model = MatMambaLM(args.preset)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    grans = model.config.granularities
+
+    def step():
+        for w in grans:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(ids[:, :-1], width=w)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            (loss / len(grans)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e3
+    cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
+    table = events.table(sort_by="self_cuda_time_total", row_limit=35)
+    summary = (f"{args.preset} batch {args.batch} seq {args.seq}: device time {cuda_total:.1f} ms, "
+               f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}")
+    Path(args.out).write_text(summary + "\n\n" + table)
+    print(table)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
