@@ -76,6 +76,14 @@ def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, ca
     last_val = tags["val/loss/w16"][-1][1]
     assert f"{last_val:.5f}"[:6] in printed  # the checkpoint gives the logged validation loss again
 
+    out = tmp_path / "preds.pt"
+    main(["predict", *common, "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.limit_predict_batches",
+          "0.06", "--trainer.callbacks+=lit_matmamba.training.PredictionWriter", "--trainer.callbacks.path", str(out)])
+    preds = torch.load(out)
+    assert set(preds) == {"loss/w128", "loss/w64", "loss/w32", "loss/w16"}
+    assert preds["loss/w16"].ndim == 1 and 0 < len(preds["loss/w16"]) <= 32  # 6% of the test split: 2 batches
+    assert torch.isfinite(preds["loss/w16"]).all()
+
 
 @pytest.mark.slow
 def test_vision_demo_fit_logs_top1_per_granularity(tmp_path):
@@ -124,3 +132,17 @@ def test_load_model_from_a_training_checkpoint(tmp_path):
     loaded = load_model(str(tmp_path / "m.ckpt"))
     ids = data[:2]
     torch.testing.assert_close(loaded(ids, 8), model(ids, 8))
+
+
+def test_custom_head_from_config_without_editing_the_package():
+    import lightning as L
+
+    from lit_matmamba.cli import MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    head = ["--model.init_args.model.init_args.head", '{"class_path": "torch.nn.Linear", '
+            '"init_args": {"in_features": 128, "out_features": 10}}']
+    cli = MatMambaCLI(NestedModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      args=["--config", str(REPO / "configs/vision_demo.yaml"), *head], run=False)
+    assert type(cli.model.model.head) is torch.nn.Linear
+    assert cli.model.model(torch.randn(2, 3, 28, 28), width=16).shape == (2, 10)

@@ -659,6 +659,10 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """`main.py predict` runs over the test split."""
+        return self.dataloader("test")
+
     def _distributed(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size

@@ -542,3 +542,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """`main.py predict` runs over the test split."""
+        return self.dataloader("test")

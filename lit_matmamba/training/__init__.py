@@ -1,6 +1,6 @@
 """Lightning training of nested models: the modules, callbacks, optimizer defaults, parallelism."""
 
-from .callbacks import GranularityCharts, MixNMatchCurve, ThroughputMonitor
+from .callbacks import GranularityCharts, MixNMatchCurve, PredictionWriter, ThroughputMonitor
 from .module import ImageClassification, LanguageModeling, NestedModule, load_model
 from .optim import WarmupCosine, adamw, param_groups
 
@@ -10,6 +10,7 @@ __all__ = [
     "LanguageModeling",
     "MixNMatchCurve",
     "NestedModule",
+    "PredictionWriter",
     "ThroughputMonitor",
     "WarmupCosine",
     "adamw",

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -65,6 +66,7 @@ class ThroughputMonitor(L.Callback):
         self._tokens = 0
         self._samples = 0
         self._batches = 0
+        self._seq_len: int | None = None
 
     def _peak(self, pl_module: L.LightningModule) -> float | None:
         if self.peak_tflops:
@@ -93,7 +95,13 @@ class ThroughputMonitor(L.Callback):
         self._tokens += pl_module.batch_tokens(batch)
         self._samples += pl_module.batch_size(batch)
         self._batches += 1
-        if self._batches < self.log_every_n_steps * pl_module.accumulate_grad_batches:
+        self._seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else None
+        if self._batches >= self.log_every_n_steps * pl_module.accumulate_grad_batches:
+            self._flush(trainer, pl_module)
+
+    def _flush(self, trainer: L.Trainer, pl_module: NestedModule) -> None:
+        """Log the window measured so far and start a new one."""
+        if self._batches == 0:
             return
         self._sync(pl_module)
         elapsed = time.perf_counter() - self._start
@@ -105,17 +113,19 @@ class ThroughputMonitor(L.Callback):
         }
         peak = self._peak(pl_module)
         if peak is not None:
-            seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else None
             flops = sum(
-                pl_module.model.flops_per_token(w, training=True, seq_len=seq_len)
+                pl_module.model.flops_per_token(w, training=True, seq_len=self._seq_len)
                 for w in pl_module.granularities
             )
             metrics["perf/mfu"] = flops * tokens_per_sec / (peak * world)
         pl_module.log_dict(metrics)
         self._reset()
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()  # validation time is not training throughput
+    def on_validation_start(self, trainer: L.Trainer, pl_module: NestedModule) -> None:
+        # Validation time is not training throughput: close the window here.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._flush(trainer, pl_module)
+        self._reset()
 
 
 class MixNMatchCurve(L.Callback):
@@ -234,3 +244,37 @@ class MixNMatchCurve(L.Callback):
             Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
             fig.savefig(Path(trainer.log_dir) / "mixnmatch.png")
         plt.close(fig)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what `main.py predict` computes to `path` (a `torch.save` of a dict of tensors, one
+    entry per key of `predict_step`'s output, rows in data order), written atomically; with several
+    ranks each writes `path` with `.rankN` appended.
+
+    Args:
+        path: output file, e.g. `predictions.pt`.
+    """
+
+    def __init__(self, path: str = "predictions.pt") -> None:
+        super().__init__(write_interval="epoch")
+        self.path = Path(path)
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        if predictions and isinstance(predictions[0], list):  # several dataloaders: the first
+            predictions = predictions[0]
+        merged = {
+            key: torch.cat([p[key].cpu() for p in predictions])
+            for key in (predictions[0] if predictions else {})
+        }
+        path = (
+            self.path
+            if trainer.world_size == 1
+            else self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}")
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(merged, tmp)
+        tmp.replace(path)
+        print(f"wrote {len(next(iter(merged.values()), []))} predictions ({', '.join(merged)}) to {path}")

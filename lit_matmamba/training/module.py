@@ -256,6 +256,16 @@ class LanguageModeling(NestedModule):
             out["bpb"] = loss / math.log(2) / datamodule.bytes_per_token(stage)
         return out
 
+    @torch.no_grad()
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`."""
+        out = {}
+        for label, width in self.eval_settings():
+            logits = self.model(batch[:, :-1], width=width).float()  # (B, L-1, V)
+            losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, L-1)
+            out[f"loss/{label}"] = losses.mean(1)
+        return out
+
     def batch_size(self, batch: torch.Tensor) -> int:
         return batch.shape[0]
 
@@ -297,6 +307,19 @@ class ImageClassification(NestedModule):
         metrics["loss"].update(F.cross_entropy(logits, targets), weight=targets.shape[0])
         metrics["top1"].update(logits, targets)
         metrics["top5"].update(logits, targets)
+
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per image and evaluated width: the predicted class, `{"class/w512": (B,), ...}`, and the
+        target as `"target"` when the batch has one."""
+        images, targets = batch
+        out = {
+            f"class/{label}": self.model(images, width=width).argmax(-1)
+            for label, width in self.eval_settings()
+        }
+        if not targets.is_floating_point():
+            out["target"] = targets
+        return out
 
     def batch_size(self, batch: Any) -> int:
         return batch[0].shape[0]

@@ -26,8 +26,13 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     `max_steps` (held there after). `max_steps` None: the trainer's total number of optimizer
     steps, filled in by the training module, so the schedule length is stated once."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 1000, max_steps: int | None = None,
-                 min_lr_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 1000,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         if max_steps is not None:
             self._check()
