@@ -34,14 +34,23 @@ class GraphedForward:
         logits = fwd(ids)  # same shape as example_ids; returns a static buffer (clone to keep)
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, width: Width = None,
-                 autocast_dtype: torch.dtype | None = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        width: Width = None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> None:
         self.static_input = example.clone()
         self.width = width
 
         def run() -> torch.Tensor:
-            with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.float32,
-                                                 enabled=autocast_dtype is not None):
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    "cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ),
+            ):
                 return model(self.static_input, width=width)
 
         _warmup(run)
@@ -63,17 +72,26 @@ class GraphedJointStep:
     Returns the static per-width loss tensor (len(widths),) of the last replay.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example: torch.Tensor,
-                 widths: Sequence[Width], weights: Sequence[float],
-                 loss_fn: Callable[[nn.Module, torch.Tensor, Width], torch.Tensor],
-                 max_grad_norm: float | None = 1.0, autocast_dtype: torch.dtype | None = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        example: torch.Tensor,
+        widths: Sequence[Width],
+        weights: Sequence[float],
+        loss_fn: Callable[[nn.Module, torch.Tensor, Width], torch.Tensor],
+        max_grad_norm: float | None = 1.0,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> None:
         self.static_input = example.clone()
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step() -> torch.Tensor:
             losses = []
             for width, weight in zip(widths, weights):
-                with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                with torch.autocast(
+                    "cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
                     loss = loss_fn(model, self.static_input, width)
                 (loss * weight).backward()
                 losses.append(loss.detach())

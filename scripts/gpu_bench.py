@@ -80,9 +80,17 @@ def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_intermediate=0,
-                      ssm_cfg=dict(layer="Mamba2", expand=_Expand(expand), headdim=headdim, use_mem_eff_path=False),
-                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)
+    cfg = MambaConfig(
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=vocab,
+        d_intermediate=0,
+        ssm_cfg=dict(layer="Mamba2", expand=_Expand(expand), headdim=headdim, use_mem_eff_path=False),
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=16,
+    )
     return MambaLMHeadModel(cfg, device="cuda")
 
 
@@ -112,8 +120,13 @@ def main() -> None:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     amp = dict(device_type="cuda", dtype=torch.bfloat16)
-    results: dict = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "device": torch.cuda.get_device_name(),
-                     "torch": torch.__version__}
+    results: dict = {
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq": args.seq,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
     t0 = time.time()
     results["matmul_tflops"] = matmul_ceiling() / 1e12
     print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
@@ -151,15 +164,27 @@ def main() -> None:
             mem = peak_mem(train_step)
             stock.zero_grad(set_to_none=True)
             ft = flops_per_token(model, model.widths(w), training=True, seq_len=args.seq)
-            rows.append(dict(kind="stock", width=w, train_ms=ms_train, infer_ms=ms_inf, peak_gib=mem,
-                             train_mfu=mfu(ms_train, ft)[0]))
-            print(f"stock  w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  peak {mem:5.1f} GiB", flush=True)
+            rows.append(
+                dict(
+                    kind="stock",
+                    width=w,
+                    train_ms=ms_train,
+                    infer_ms=ms_inf,
+                    peak_gib=mem,
+                    train_mfu=mfu(ms_train, ft)[0],
+                )
+            )
+            print(
+                f"stock  w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  peak {mem:5.1f} GiB",
+                flush=True,
+            )
             del stock
             gc.collect()
             torch.cuda.empty_cache()
 
     # (b) the nested model at each width, eager and graphed.
     for w in grans:
+
         def train_step(w=w):
             with torch.autocast(**amp):
                 loss = lm_loss(model, ids, w)
@@ -174,8 +199,14 @@ def main() -> None:
         ms_inf = bench(infer, reps=args.reps)
         mem = peak_mem(train_step)
         model.zero_grad(set_to_none=True)
-        row = dict(kind="nested", width=w, train_ms=ms_train, infer_ms=ms_inf, peak_gib=mem,
-                   train_mfu=mfu(ms_train, flops_per_token(model, model.widths(w), True, args.seq))[0])
+        row = dict(
+            kind="nested",
+            width=w,
+            train_ms=ms_train,
+            infer_ms=ms_inf,
+            peak_gib=mem,
+            train_mfu=mfu(ms_train, flops_per_token(model, model.widths(w), True, args.seq))[0],
+        )
         if not args.skip_graphs:
             try:
                 graphed = GraphedForward(model, ids[:, :-1], width=w)
@@ -184,8 +215,11 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - report, keep benchmarking
                 row["infer_graph_error"] = repr(err)[:300]
         rows.append(row)
-        print(f"nested w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  "
-              f"graph {row.get('infer_graph_ms', float('nan')):7.1f} ms  peak {mem:5.1f} GiB", flush=True)
+        print(
+            f"nested w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  "
+            f"graph {row.get('infer_graph_ms', float('nan')):7.1f} ms  peak {mem:5.1f} GiB",
+            flush=True,
+        )
         torch.cuda.empty_cache()
 
     # (c) the joint step: every granularity forward+backward, one AdamW step.
@@ -206,17 +240,32 @@ def main() -> None:
     ms_joint = bench(joint_step, reps=args.reps)
     mem_joint = peak_mem(joint_step)
     params_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    results["joint"] = dict(ms=ms_joint, tokens_per_s=tokens / (ms_joint / 1e3), mfu=joint_flops / (ms_joint / 1e3) / PEAK,
-                            mfu_vs_measured=joint_flops / (ms_joint / 1e3) / (results["matmul_tflops"] * 1e12),
-                            peak_gib=mem_joint, params_gib=params_gib, optimizer_state_gib=2 * params_gib)
-    print(f"joint eager {ms_joint:.1f} ms  MFU {results['joint']['mfu']:.1%}  peak {mem_joint:.1f} GiB", flush=True)
+    results["joint"] = dict(
+        ms=ms_joint,
+        tokens_per_s=tokens / (ms_joint / 1e3),
+        mfu=joint_flops / (ms_joint / 1e3) / PEAK,
+        mfu_vs_measured=joint_flops / (ms_joint / 1e3) / (results["matmul_tflops"] * 1e12),
+        peak_gib=mem_joint,
+        params_gib=params_gib,
+        optimizer_state_gib=2 * params_gib,
+    )
+    print(
+        f"joint eager {ms_joint:.1f} ms  MFU {results['joint']['mfu']:.1%}  peak {mem_joint:.1f} GiB",
+        flush=True,
+    )
     del opt
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     if not args.skip_graphs:
         try:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
-                                    capturable=True, foreach=True)
+            opt = torch.optim.AdamW(
+                model.parameters(),
+                lr=1e-5,
+                betas=(0.9, 0.95),
+                weight_decay=0.1,
+                capturable=True,
+                foreach=True,
+            )
             step = GraphedJointStep(model, opt, ids, grans, weights, lambda m, x, w: lm_loss(m, x, w))
             ms_g = bench(lambda: step(ids), reps=args.reps)
             results["joint"]["graph_ms"] = ms_g
@@ -233,17 +282,25 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2))
 
     # Summary table last (the device tool returns the end of the output).
-    print(f"\n== {args.preset} batch {args.batch} seq {args.seq} on {results['device']} "
-          f"(matmul ceiling {results['matmul_tflops']:.0f} TFLOP/s)")
-    print(f"{'kind':7s} {'width':>6s} {'train ms':>9s} {'infer ms':>9s} {'graph ms':>9s} {'MFU':>6s} {'GiB':>6s}")
+    print(
+        f"\n== {args.preset} batch {args.batch} seq {args.seq} on {results['device']} "
+        f"(matmul ceiling {results['matmul_tflops']:.0f} TFLOP/s)"
+    )
+    print(
+        f"{'kind':7s} {'width':>6s} {'train ms':>9s} {'infer ms':>9s} {'graph ms':>9s} {'MFU':>6s} {'GiB':>6s}"
+    )
     for r in rows:
-        print(f"{r['kind']:7s} {r['width']:6d} {r['train_ms']:9.1f} {r['infer_ms']:9.1f} "
-              f"{r.get('infer_graph_ms', float('nan')):9.1f} {r['train_mfu']:6.1%} {r['peak_gib']:6.1f}")
+        print(
+            f"{r['kind']:7s} {r['width']:6d} {r['train_ms']:9.1f} {r['infer_ms']:9.1f} "
+            f"{r.get('infer_graph_ms', float('nan')):9.1f} {r['train_mfu']:6.1%} {r['peak_gib']:6.1f}"
+        )
     j = results["joint"]
     stock_sum = sum(r["train_ms"] for r in rows if r["kind"] == "stock")
-    print(f"joint step eager {j['ms']:.1f} ms (MFU {j['mfu']:.1%}), graphed {j.get('graph_ms', float('nan')):.1f} ms "
-          f"(MFU {j.get('graph_mfu', float('nan')):.1%}); sum of stock fwd+bwd {stock_sum:.1f} ms; "
-          f"peak {j['peak_gib']:.1f} GiB (params {j['params_gib']:.1f}, AdamW state {j['optimizer_state_gib']:.1f})")
+    print(
+        f"joint step eager {j['ms']:.1f} ms (MFU {j['mfu']:.1%}), graphed {j.get('graph_ms', float('nan')):.1f} ms "
+        f"(MFU {j.get('graph_mfu', float('nan')):.1%}); sum of stock fwd+bwd {stock_sum:.1f} ms; "
+        f"peak {j['peak_gib']:.1f} GiB (params {j['params_gib']:.1f}, AdamW state {j['optimizer_state_gib']:.1f})"
+    )
 
 
 if __name__ == "__main__":

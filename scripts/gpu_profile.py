@@ -52,8 +52,10 @@ def main() -> None:
     cuda_total = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
     table = events.table(sort_by="self_cuda_time_total", row_limit=35)
-    summary = (f"{args.preset} batch {args.batch} seq {args.seq}: device time {cuda_total:.1f} ms, "
-               f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}")
+    summary = (
+        f"{args.preset} batch {args.batch} seq {args.seq}: device time {cuda_total:.1f} ms, "
+        f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
+    )
     Path(args.out).write_text(summary + "\n\n" + table)
     print(table)
     print(summary)

@@ -16,7 +16,16 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_there_are_configs_for_every_preset():
     names = {p.stem for p in CONFIGS}
-    assert {"lm_demo", "lm_130m", "lm_370m", "lm_790m", "lm_1_4b", "vision_demo", "vision_35m", "vision_135m"} <= names
+    assert {
+        "lm_demo",
+        "lm_130m",
+        "lm_370m",
+        "lm_790m",
+        "lm_1_4b",
+        "vision_demo",
+        "vision_35m",
+        "vision_135m",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -31,7 +40,9 @@ def test_every_shipped_config_parses(config, capsys):
 
 def test_unknown_config_key_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", str(REPO / "configs/lm_demo.yaml"), "--model.init_args.granularitys", "[64]"])
+        main(
+            ["fit", "--config", str(REPO / "configs/lm_demo.yaml"), "--model.init_args.granularitys", "[64]"]
+        )
     assert done.value.code != 0
     assert "granularitys" in capsys.readouterr().err
 
@@ -54,10 +65,32 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow
 def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, capsys):
     logs = tmp_path / "logs"
-    common = ["--config", str(REPO / "configs/lm_demo.yaml"), "--trainer.logger.init_args.save_dir", str(logs),
-              "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
-    main(["fit", *common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-          "--model.init_args.scheduler.init_args.warmup_steps", "1", "--data.init_args.num_workers", "0"])
+    common = [
+        "--config",
+        str(REPO / "configs/lm_demo.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--model.init_args.scheduler.init_args.warmup_steps",
+            "1",
+            "--data.init_args.num_workers",
+            "0",
+        ]
+    )
     run = logs / "lm_demo" / "version_0"
     tags = scalars(run)
     for width in (128, 64, 32, 16):  # one tag per granularity and metric, read back with TensorBoard
@@ -77,8 +110,21 @@ def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, ca
     assert f"{last_val:.5f}"[:6] in printed  # the checkpoint gives the logged validation loss again
 
     out = tmp_path / "preds.pt"
-    main(["predict", *common, "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.limit_predict_batches",
-          "0.06", "--trainer.callbacks+=lit_matmamba.training.PredictionWriter", "--trainer.callbacks.path", str(out)])
+    main(
+        [
+            "predict",
+            *common,
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_predict_batches",
+            "0.06",
+            "--trainer.callbacks+=lit_matmamba.training.PredictionWriter",
+            "--trainer.callbacks.path",
+            str(out),
+        ]
+    )
     preds = torch.load(out)
     assert set(preds) == {"loss/w128", "loss/w64", "loss/w32", "loss/w16"}
     assert preds["loss/w16"].ndim == 1 and 0 < len(preds["loss/w16"]) <= 32  # 6% of the test split: 2 batches
@@ -88,10 +134,31 @@ def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, ca
 @pytest.mark.slow
 def test_vision_demo_fit_logs_top1_per_granularity(tmp_path):
     logs = tmp_path / "logs"
-    main(["fit", "--config", str(REPO / "configs/vision_demo.yaml"), "--trainer.logger.init_args.save_dir", str(logs),
-          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-          "--model.init_args.scheduler.init_args.warmup_steps", "1", "--data.init_args.num_workers", "0",
-          "--data.init_args.batch_size", "16", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/vision_demo.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(logs),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--model.init_args.scheduler.init_args.warmup_steps",
+            "1",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batch_size",
+            "16",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     tags = scalars(logs / "vision_demo" / "version_0")
     for width in (128, 64, 32, 16):
         for metric in ("val/top1", "val/top5", "val/loss", "train/loss"):
@@ -106,11 +173,33 @@ def test_prepare_text_through_main(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train(
+        [str(text)],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
-    main(["prepare", "text", "--output_dir", str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tokenizer.json"),
-          "--train", str(text), "--val_fraction", "0", "--seq_len", "64", "--progress", "false"])
+    main(
+        [
+            "prepare",
+            "text",
+            "--output_dir",
+            str(tmp_path / "shards"),
+            "--tokenizer",
+            str(tmp_path / "tokenizer.json"),
+            "--train",
+            str(text),
+            "--val_fraction",
+            "0",
+            "--seq_len",
+            "64",
+            "--progress",
+            "false",
+        ]
+    )
     assert (tmp_path / "shards" / "index.json").is_file()
     assert list((tmp_path / "shards").glob("train-*.tar"))
 
@@ -125,8 +214,15 @@ def test_load_model_from_a_training_checkpoint(tmp_path):
 
     model = MatMambaLM("lm-tiny")
     data = torch.randint(0, 4096, (8, 9))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(LanguageModeling(model), DataLoader(data, batch_size=4))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = load_model(str(tmp_path / "m.ckpt"))
@@ -140,9 +236,17 @@ def test_custom_head_from_config_without_editing_the_package():
     from lit_matmamba.cli import MatMambaCLI
     from lit_matmamba.training import NestedModule
 
-    head = ["--model.init_args.model.init_args.head", '{"class_path": "torch.nn.Linear", '
-            '"init_args": {"in_features": 128, "out_features": 10}}']
-    cli = MatMambaCLI(NestedModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      args=["--config", str(REPO / "configs/vision_demo.yaml"), *head], run=False)
+    head = [
+        "--model.init_args.model.init_args.head",
+        '{"class_path": "torch.nn.Linear", "init_args": {"in_features": 128, "out_features": 10}}',
+    ]
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(REPO / "configs/vision_demo.yaml"), *head],
+        run=False,
+    )
     assert type(cli.model.model.head) is torch.nn.Linear
     assert cli.model.model(torch.randn(2, 3, 28, 28), width=16).shape == (2, 10)
