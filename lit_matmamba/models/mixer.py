@@ -135,7 +135,7 @@ class MatMambaMixer(nn.Module):
             conv_w=self.conv1d.weight[:c, 0],
             conv_b=None if self.conv1d.bias is None else self.conv1d.bias[:c],
             dt_bias=self.dt_bias[:k],
-            A=-torch.exp(self.A_log[:k].float()),
+            A=-torch.exp(self.A_log[:k].to(torch.promote_types(self.A_log.dtype, torch.float32))),
             D=self.D[:k],
             norm_w=self.norm.weight[: k * P],
             w_out=self.out_proj.weight[:, : k * P],
