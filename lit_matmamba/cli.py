@@ -9,6 +9,7 @@ text or image folders into the shards the data modules read.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -50,6 +51,10 @@ def prepare_main(argv: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> MatMambaCLI | None:
+    # Our iterable datasets report exact lengths per rank and worker (see lit_matmamba.data), and the
+    # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "prepare":
         prepare_main(argv[1:])

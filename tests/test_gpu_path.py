@@ -94,3 +94,38 @@ def test_export_loads_in_stock_mamba_ssm(width, tmp_path):
     ids = torch.randint(0, 1000, (2, 100), device="cuda")
     with torch.no_grad():
         assert rel(stock(ids).logits, fast(ids, width)) < 2e-3
+
+
+@pytest.mark.parametrize("width", [None, 64, [256, 32, 128, 64]], ids=["full", "w64", "mixnmatch"])
+def test_graphed_forward_equals_eager(width):
+    from lit_matmamba.graphs import GraphedForward
+
+    fast, _ = pair(torch.float32)
+    ids = torch.randint(0, 1000, (2, 128), device="cuda")
+    graphed = GraphedForward(fast, ids, width=width)
+    other = torch.randint(0, 1000, (2, 128), device="cuda")  # new data through the static buffer
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = fast(other, width=width)
+    assert rel(graphed(other), eager) < 1e-3
+
+
+def test_graphed_joint_step_computes_the_eager_losses_and_updates():
+    from lit_matmamba.graphs import GraphedJointStep
+
+    fast, _ = pair(torch.float32)
+    ids = torch.randint(0, 1000, (2, 129), device="cuda")
+    widths, weights = [256, 128, 64, 32], [0.25] * 4
+
+    def loss_fn(model, batch, width):
+        return model.loss(batch, width)
+
+    opt = torch.optim.AdamW(fast.parameters(), lr=1e-3, capturable=True, foreach=True)
+    step = GraphedJointStep(fast, opt, ids, widths, weights, loss_fn)
+    batch = torch.randint(0, 1000, (2, 129), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = torch.stack([fast.loss(batch, w) for w in widths])
+    before = [p.detach().clone() for p in fast.parameters()]
+    losses = step(batch)
+    assert rel(losses, eager) < 1e-3
+    changed = sum(not torch.equal(b, p) for b, p in zip(before, fast.parameters()))
+    assert changed > 0 and all(torch.isfinite(p).all() for p in fast.parameters())
