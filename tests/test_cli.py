@@ -68,6 +68,8 @@ def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, ca
     common = [
         "--config",
         str(REPO / "configs/lm_demo.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
         "--trainer.logger.init_args.save_dir",
         str(logs),
         "--trainer.limit_val_batches",
@@ -139,6 +141,8 @@ def test_vision_demo_fit_logs_top1_per_granularity(tmp_path):
             "fit",
             "--config",
             str(REPO / "configs/vision_demo.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
             "--trainer.logger.init_args.save_dir",
             str(logs),
             "--trainer.max_steps",

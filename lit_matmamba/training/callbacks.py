@@ -240,7 +240,9 @@ class MixNMatchCurve(L.Callback):
         tb = _tensorboard(trainer)
         if tb is not None:
             tb.experiment.add_figure("mixnmatch/curve", fig, global_step=trainer.global_step)
-        if trainer.log_dir:
+        if (
+            trainer.logger is not None and trainer.log_dir
+        ):  # without a logger, log_dir is the cwd: write nothing there
             Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
             fig.savefig(Path(trainer.log_dir) / "mixnmatch.png")
         plt.close(fig)
