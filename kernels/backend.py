@@ -37,3 +37,12 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (slow; for tests)")
         return True
     return tensor.is_cuda and triton_available()
+
+
+def empty_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty for kernel outputs, filled with NaN when LIT_MATMAMBA_POISON=1 (tests): an element
+    a kernel forgets to write then shows up as NaN instead of as plausible garbage."""
+    out = torch.empty(shape, device=like.device, dtype=dtype)
+    if os.environ.get("LIT_MATMAMBA_POISON", "0") == "1":
+        out.fill_(float("nan"))
+    return out

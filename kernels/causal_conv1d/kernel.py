@@ -19,11 +19,11 @@ no spills without initial_state), not tuned by timing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ..backend import empty_output as _empty
 
 # The only K the mixer uses is 4; 2..4 keep `_TAPS` (a power of two >= K-1 and >= K) at 4.
 _MIN_K, _MAX_K = 2, 4
@@ -33,15 +33,6 @@ _MAX_BLOCK_C = 64
 # Backward programs walk up to this many time blocks each, so that the dweight/dbias partial sums
 # (one row per program) stay small next to x.
 _BWD_BLOCKS_PER_PROGRAM = 8
-
-
-def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty, filled with NaN when LIT_MATMAMBA_POISON=1 (tests): an element a kernel forgets to
-    write then shows up as NaN instead of as plausible garbage."""
-    out = torch.empty(shape, device=like.device, dtype=dtype)
-    if os.environ.get("LIT_MATMAMBA_POISON", "0") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 @triton.jit

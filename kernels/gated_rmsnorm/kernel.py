@@ -15,23 +15,15 @@ per program and the partial sums are reduced in PyTorch (deterministic, no atomi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backend import empty_output as _empty
+
 # One group must fit in one program's registers; 64 KiB of input per row, like mamba-ssm's kernel.
 _MAX_FUSED_BYTES = 65536
-
-
-def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty, filled with NaN when LIT_MATMAMBA_POISON=1 (tests): an element a kernel forgets to
-    write then shows up as NaN instead of as plausible garbage."""
-    out = torch.empty(shape, device=like.device, dtype=dtype)
-    if os.environ.get("LIT_MATMAMBA_POISON", "0") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 @triton.jit
