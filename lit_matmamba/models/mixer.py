@@ -143,6 +143,35 @@ class MatMambaMixer(nn.Module):
         )
 
     # Forward ---------------------------------------------------------------------------------
+    # forward() and step() share the three stages around the conv and the scan; shapes below are
+    # for a sequence (B, L, ...); a decoding step has no L.
+    def _in_proj(self, u: torch.Tensor, v: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u -> xbc (B, L, 2GN + kP), z (B, L, k, P), dt (B, L, k): two matmuls over row prefixes."""
+        P = self.config.headdim
+        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])
+        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
+        return xbc, zdt[..., :P], zdt[..., P]
+
+    def _split_xbc(self, xbc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """conv output (B, L, 2GN + kP) -> x (B, L, k, P), B and C (B, L, G, N)."""
+        P, G, N = self.config.headdim, self.config.ngroups, self.config.d_state
+        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
+        return x.unflatten(-1, (k, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
+
+    def _out(self, y: torch.Tensor, z: torch.Tensor, v: dict, k: int, backend: str) -> torch.Tensor:
+        """y, z (B, L, k, P) -> gated norm over each group's channels -> out_proj (B, L, d_model)."""
+        cfg = self.config
+        y = gated_rmsnorm(
+            y.flatten(-2),
+            z.flatten(-2),
+            v["norm_w"],
+            cfg.norm_eps,
+            group_size=k * cfg.headdim // cfg.ngroups,
+            norm_before_gate=cfg.norm_before_gate,
+            backend=backend,
+        )  # (B, L, kP)
+        return F.linear(y, v["w_out"], v["b_out"])
+
     def forward(self, u: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
         """u: (B, L, d_model) -> (B, L, d_model) through the sub-mixer of `width`.
 
@@ -151,24 +180,19 @@ class MatMambaMixer(nn.Module):
         """
         cfg, backend = self.config, self.config.backend
         k = self.heads_at(width)
-        P, G, N = cfg.headdim, cfg.ngroups, cfg.d_state
         v = self._views(k)
-
-        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])  # (B, L, 2GN + kP)
-        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
-        z, dt = zdt[..., :P], zdt[..., P]  # (B, L, k, P), (B, L, k)
-
+        xbc, z, dt = self._in_proj(u, v, k)
         conv_init = None if state is None else state.conv
         xbc, conv_final = causal_conv1d(
             xbc, v["conv_w"], v["conv_b"], conv_init, activation=True, backend=backend
         )
-        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
+        x, Bm, Cm = self._split_xbc(xbc, k)
         y, ssm_final = ssd_scan(
-            x.unflatten(-1, (k, P)),
+            x,
             dt,
             v["A"],
-            Bm.unflatten(-1, (G, N)),
-            Cm.unflatten(-1, (G, N)),
+            Bm,
+            Cm,
             cfg.chunk_size,
             D=v["D"],
             dt_bias=v["dt_bias"],
@@ -176,52 +200,21 @@ class MatMambaMixer(nn.Module):
             initial_state=None if state is None else state.ssm,
             backend=backend,
         )  # (B, L, k, P)
-        y = gated_rmsnorm(
-            y.flatten(-2),
-            z.flatten(-2),
-            v["norm_w"],
-            cfg.norm_eps,
-            group_size=k * P // G,
-            norm_before_gate=cfg.norm_before_gate,
-            backend=backend,
-        )  # (B, L, kP)
         if state is not None:
             state.conv, state.ssm = conv_final.detach(), ssm_final.detach()
-        return F.linear(y, v["w_out"], v["b_out"])
+        return self._out(y, z, v, k, backend)
 
     def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
         """One decoding step. u: (B, d_model) -> (B, d_model); updates `state` in place."""
-        cfg = self.config
         k = self.heads_at(width)
-        P, G, N = cfg.headdim, cfg.ngroups, cfg.d_state
         if state.ssm.shape[1] != k:
             raise ValueError(f"the state holds {state.ssm.shape[1]} heads but width {width} uses {k}")
         v = self._views(k)
-        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])  # (B, 2GN + kP)
-        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, k, P+1)
-        z, dt = zdt[..., :P], zdt[..., P]
+        xbc, z, dt = self._in_proj(u, v, k)
         xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"])
-        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
-        y, state.ssm = ssd_step(
-            x.unflatten(-1, (k, P)),
-            dt,
-            v["A"],
-            Bm.unflatten(-1, (G, N)),
-            Cm.unflatten(-1, (G, N)),
-            state.ssm,
-            D=v["D"],
-            dt_bias=v["dt_bias"],
-        )
-        y = gated_rmsnorm(
-            y.flatten(-2),
-            z.flatten(-2),
-            v["norm_w"],
-            cfg.norm_eps,
-            group_size=k * P // G,
-            norm_before_gate=cfg.norm_before_gate,
-            backend="reference",
-        )  # (B, kP)
-        return F.linear(y, v["w_out"], v["b_out"])
+        x, Bm, Cm = self._split_xbc(xbc, k)
+        y, state.ssm = ssd_step(x, dt, v["A"], Bm, Cm, state.ssm, D=v["D"], dt_bias=v["dt_bias"])
+        return self._out(y, z, v, k, backend="reference")  # one token: kernels would not pay
 
     @torch.no_grad()
     def copy_from(self, other: MatMambaMixer) -> None:
