@@ -8,12 +8,16 @@ buffers before each replay.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from lit_matmamba.models.nested_linear import direct_weight_grads as direct_grads
+
 Width = int | Sequence[int] | None
+Batch = torch.Tensor | tuple | list | dict
 
 
 def _warmup(fn: Callable[[], object], iters: int = 3) -> None:
@@ -45,12 +49,7 @@ class GraphedForward:
         self.width = width
 
         def run() -> torch.Tensor:
-            with (
-                torch.no_grad(),
-                torch.autocast(
-                    "cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ),
-            ):
+            with torch.no_grad(), _autocast(autocast_dtype):
                 return model(self.static_input, width=width)
 
         _warmup(run)
@@ -65,51 +64,123 @@ class GraphedForward:
 
 
 class GraphedJointStep:
-    """One joint training step captured whole: for every width, forward and backward of
-    `weight * loss_fn(model, batch, width)`, then gradient clipping and `optimizer.step()`.
+    """Forward and backward of `weight * loss_fn(model, batch, width)` for every width, then
+    gradient clipping, captured as one CUDA graph; the optimizer steps outside it.
 
-    The optimizer must be capturable (e.g. `torch.optim.AdamW(..., capturable=True)`).
-    Returns the static per-width loss tensor (len(widths),) of the last replay.
+    Capture needs fixed shapes: the batch (a tensor or a tuple/list/dict of tensors) is copied into
+    static buffers before each replay. After a call, every parameter's `.grad` holds this step's
+    gradients (written afresh, not accumulated across calls), ready for any optimizer's `step()`.
+    The optimizer stays out of the graph so that learning-rate schedules, non-capturable optimizers
+    and the trainer's step counting work as usual; its one or few launches cost little.
+
+    Warm-up (autotuning, lazy initialisation) runs forward and backward only: the weights do not
+    change before the first call. Autocast runs without its weight cache (a cast cached outside the
+    capture would be replayed stale). `direct_weight_grads` as in `lit_matmamba.models.nested_linear`.
+
+    Example:
+        step = GraphedJointStep(model, batch, [768, 384, 192, 96], [0.25] * 4, lambda m, b, w: m.loss(b, w))
+        losses, grad_norm = step(batch)  # (len(widths),), ()
+        optimizer.step()
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        example: torch.Tensor,
+        example: Batch,
         widths: Sequence[Width],
         weights: Sequence[float],
-        loss_fn: Callable[[nn.Module, torch.Tensor, Width], torch.Tensor],
+        loss_fn: Callable[[nn.Module, Batch, Width], torch.Tensor],
         max_grad_norm: float | None = 1.0,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        direct_weight_grads: bool = True,
     ) -> None:
-        self.static_input = example.clone()
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.static_batch = _clone(example)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        limit = max_grad_norm if max_grad_norm else math.inf
 
-        def step() -> torch.Tensor:
+        def forward_backward() -> torch.Tensor:
             losses = []
             for width, weight in zip(widths, weights):
-                with torch.autocast(
-                    "cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    loss = loss_fn(model, self.static_input, width)
+                with _autocast(autocast_dtype), direct_grads(direct_weight_grads):
+                    loss = loss_fn(model, self.static_batch, width)
                 (loss * weight).backward()
                 losses.append(loss.detach())
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-            optimizer.step()
             return torch.stack(losses)
 
-        # Warm-up steps change the weights; callers time or train from here on, as after any step.
-        optimizer.zero_grad(set_to_none=True)
-        _warmup(lambda: (step(), optimizer.zero_grad(set_to_none=True)))
-        # Gradients are None at capture, so the first backward in the graph writes them and the
-        # rest accumulate: every replay starts from fresh gradients without a zero_grad.
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            losses = forward_backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)
+            return losses, norm
+
+        def clear_grads() -> None:
+            for p in self.params:
+                p.grad = None
+
+        clear_grads()
+        _warmup(lambda: (step(), clear_grads()))
+        # Gradients are None at capture, so the first backward in the graph writes them (autograd
+        # or `direct_weight_grads` allocates them in the graph's memory) and the rest accumulate:
+        # every replay starts from fresh gradients without a zero_grad.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_losses = step()
+            self.static_losses, self.static_norm = step()
+        self.static_grads = [p.grad for p in self.params]  # None for parameters the loss does not use
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        self.static_input.copy_(batch)
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replays the step on `batch` (same shapes as the example); returns the per-width losses
+        (len(widths),) and the gradient norm before clipping (static buffers: clone to keep)."""
+        if not self.matches(batch):
+            raise ValueError("the batch's structure, shapes or dtypes differ from the captured example's")
+        for static, new in zip(_leaves(self.static_batch), _leaves(batch)):
+            static.copy_(new)
         self.graph.replay()
-        return self.static_losses
+        # Re-attach the graph's gradient buffers, which a zero_grad(set_to_none=True) may have dropped.
+        for p, g in zip(self.params, self.static_grads):
+            p.grad = g
+        return self.static_losses, self.static_norm
+
+    def matches(self, batch: Batch) -> bool:
+        """Whether `batch` has the captured shapes and dtypes (else run an eager step)."""
+        return _spec(batch) == _spec(self.static_batch)
+
+
+def _autocast(dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(
+        "cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+    )
+
+
+def _leaves(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a tensor / tuple / list / dict batch, in a fixed order."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for k in sorted(batch) for t in _leaves(batch[k])]
+    if isinstance(batch, list | tuple):
+        return [t for v in batch for t in _leaves(v)]
+    raise TypeError(
+        f"a batch for CUDA graphs holds tensors in tuples, lists and dicts, not {type(batch).__name__}"
+    )
+
+
+def _spec(batch: Batch) -> object:
+    """What must not change between the captured batch and a replayed one: structure, shapes, dtypes."""
+    if isinstance(batch, torch.Tensor):
+        return (tuple(batch.shape), batch.dtype)
+    if isinstance(batch, dict):
+        return {k: _spec(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return [_spec(v) for v in batch]
+    return type(batch)
+
+
+def _clone(batch: Batch) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {k: _clone(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_clone(v) for v in batch)
+    raise TypeError(
+        f"a batch for CUDA graphs holds tensors in tuples, lists and dicts, not {type(batch).__name__}"
+    )

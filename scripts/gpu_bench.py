@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_matmamba import MatMambaLM  # noqa: E402
 from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
+from lit_matmamba.models import direct_weight_grads  # noqa: E402
 from lit_matmamba.models.flops import flops_per_token  # noqa: E402
 
 PEAK = 989e12
@@ -222,56 +223,65 @@ def main() -> None:
         )
         torch.cuda.empty_cache()
 
-    # (c) the joint step: every granularity forward+backward, one AdamW step.
+    # (c) the joint step: every granularity forward+backward, clipping, one AdamW step. Eager with
+    # autograd's weight gradients, eager with direct (width-proportional) weight gradients as the
+    # training module uses on one GPU, and the forward/backward captured as a CUDA graph.
     weights = [1.0 / len(grans)] * len(grans)
     joint_flops = sum(flops_per_token(model, model.widths(w), True, args.seq) for w in grans) * tokens
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    params_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    results["joint"] = dict(params_gib=params_gib, optimizer_state_gib=2 * params_gib)
 
-    def joint_step():
+    def joint_eager(direct: bool):
         for w, wt in zip(grans, weights):
-            with torch.autocast(**amp):
+            with torch.autocast(**amp), direct_weight_grads(direct):
                 loss = lm_loss(model, ids, w)
             (loss * wt).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    joint_step()  # create optimizer state before measuring memory
-    ms_joint = bench(joint_step, reps=args.reps)
-    mem_joint = peak_mem(joint_step)
-    params_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    results["joint"] = dict(
-        ms=ms_joint,
-        tokens_per_s=tokens / (ms_joint / 1e3),
-        mfu=joint_flops / (ms_joint / 1e3) / PEAK,
-        mfu_vs_measured=joint_flops / (ms_joint / 1e3) / (results["matmul_tflops"] * 1e12),
-        peak_gib=mem_joint,
-        params_gib=params_gib,
-        optimizer_state_gib=2 * params_gib,
-    )
-    print(
-        f"joint eager {ms_joint:.1f} ms  MFU {results['joint']['mfu']:.1%}  peak {mem_joint:.1f} GiB",
-        flush=True,
-    )
-    del opt
-    model.zero_grad(set_to_none=True)
+    joint_eager(True)  # create the optimizer state before measuring memory
+    for name, direct in (("eager_autograd", False), ("eager_direct", True)):
+        ms = bench(lambda d=direct: joint_eager(d), reps=args.reps)
+        mem = peak_mem(lambda d=direct: joint_eager(d))
+        results["joint"][name] = dict(
+            ms=ms, tokens_per_s=tokens / (ms / 1e3), mfu=mfu(ms, joint_flops / tokens)[0], peak_gib=mem
+        )
+        print(
+            f"joint {name:15s} {ms:8.1f} ms  MFU {mfu(ms, joint_flops / tokens)[0]:.1%}  peak {mem:.1f} GiB",
+            flush=True,
+        )
     torch.cuda.empty_cache()
     if not args.skip_graphs:
         try:
-            opt = torch.optim.AdamW(
-                model.parameters(),
-                lr=1e-5,
-                betas=(0.9, 0.95),
-                weight_decay=0.1,
-                capturable=True,
-                foreach=True,
+            step = GraphedJointStep(
+                model, ids, grans, weights, lambda m, x, w: lm_loss(m, x, w), max_grad_norm=1.0
             )
-            step = GraphedJointStep(model, opt, ids, grans, weights, lambda m, x, w: lm_loss(m, x, w))
-            ms_g = bench(lambda: step(ids), reps=args.reps)
-            results["joint"]["graph_ms"] = ms_g
-            results["joint"]["graph_mfu"] = joint_flops / (ms_g / 1e3) / PEAK
-            print(f"joint graph {ms_g:.1f} ms  MFU {results['joint']['graph_mfu']:.1%}", flush=True)
-            del step, opt
+
+            def joint_graph():
+                step(ids)
+                opt.step()
+
+            ms = bench(joint_graph, reps=args.reps)
+            # A replay allocates nothing: its activations live in the graph's private pool, which
+            # stays reserved, so the graphed step's memory is what is reserved, not the allocated peak.
+            mem = peak_mem(joint_graph)
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved() / 2**30
+            results["joint"]["graph"] = dict(
+                ms=ms,
+                tokens_per_s=tokens / (ms / 1e3),
+                mfu=mfu(ms, joint_flops / tokens)[0],
+                peak_gib=mem,
+                reserved_gib=reserved,
+            )
+            print(
+                f"joint {'graph':15s} {ms:8.1f} ms  MFU {mfu(ms, joint_flops / tokens)[0]:.1%}  "
+                f"peak allocated {mem:.1f} GiB, reserved with the graph's pool {reserved:.1f} GiB",
+                flush=True,
+            )
+            del step
         except Exception as err:  # noqa: BLE001
             results["joint"]["graph_error"] = repr(err)[:500]
             print("joint graph failed:", repr(err)[:500], flush=True)
@@ -296,11 +306,19 @@ def main() -> None:
         )
     j = results["joint"]
     stock_sum = sum(r["train_ms"] for r in rows if r["kind"] == "stock")
-    print(
-        f"joint step eager {j['ms']:.1f} ms (MFU {j['mfu']:.1%}), graphed {j.get('graph_ms', float('nan')):.1f} ms "
-        f"(MFU {j.get('graph_mfu', float('nan')):.1%}); sum of stock fwd+bwd {stock_sum:.1f} ms; "
-        f"peak {j['peak_gib']:.1f} GiB (params {j['params_gib']:.1f}, AdamW state {j['optimizer_state_gib']:.1f})"
-    )
+    full = next((r for r in rows if r["kind"] == "nested" and r["width"] == grans[0]), None)
+    for name in ("eager_autograd", "eager_direct", "graph"):
+        if name in j:
+            ratio = j[name]["ms"] / stock_sum if stock_sum else float("nan")
+            print(
+                f"joint {name:15s} {j[name]['ms']:8.1f} ms  MFU {j[name]['mfu']:6.1%}  "
+                f"/ stock sum {ratio:.2f}  peak {j[name]['peak_gib']:.1f} GiB"
+            )
+    if full is not None:
+        print(
+            f"sum of stock fwd+bwd {stock_sum:.1f} ms; largest single width step peak {full['peak_gib']:.1f} GiB "
+            f"+ AdamW state {j['optimizer_state_gib']:.1f} GiB = {full['peak_gib'] + j['optimizer_state_gib']:.1f} GiB"
+        )
 
 
 if __name__ == "__main__":

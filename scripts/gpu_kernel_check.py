@@ -56,6 +56,8 @@ TOL = {
     ("conv", "bf16"): 1e-2,
     ("norm", "fp32"): 1e-5,
     ("norm", "bf16"): 1e-2,
+    ("addnorm", "fp32"): 1e-5,
+    ("addnorm", "bf16"): 1e-2,
     ("ssd", "fp32"): 1e-2,
     ("ssd", "bf16"): 5e-2,
 }
@@ -253,6 +255,55 @@ def norm_section(check_shape, time_shape, correctness, timing) -> None:
             )
 
 
+def addnorm_section(check_shape, time_shape, correctness, timing) -> None:
+    """Residual add + RMSNorm of the residual stack: x (bf16 or fp32), fp32 residual, y in x's dtype;
+    against the unfused PyTorch ops (add, nn.RMSNorm's F.rms_norm, cast)."""
+
+    def op(backend):
+        def fn(x, residual, weight):
+            return kernels.add_rmsnorm(x, residual, weight, 1e-5, out_dtype=x.dtype, backend=backend)
+
+        return fn
+
+    def unfused(x, residual, weight):
+        res = residual + x.float()
+        return torch.nn.functional.rms_norm(res, (res.shape[-1],), weight, 1e-5).to(x.dtype), res
+
+    def make(rows, d, dtype):
+        x = torch.randn(rows, d, device="cuda").to(dtype)
+        residual = torch.randn(rows, d, device="cuda")
+        weight = 1 + 0.3 * torch.randn(d, device="cuda")
+        return [x, residual, weight]
+
+    for dtype_name, dtype in DTYPES.items():
+        rows, d = check_shape
+        compare(
+            "addnorm",
+            dtype_name,
+            [rows, d],
+            ["y", "residual_out", "dx", "dresidual", "dweight"],
+            op("triton"),
+            op("reference"),
+            make(rows, d, dtype),
+            correctness,
+        )
+        rows, d = time_shape
+        inputs = make(rows, d, dtype)
+        xb, rb = inputs[0].numel() * inputs[0].element_size(), inputs[1].numel() * 4
+        impls = {"triton": op("triton"), "reference": op("reference"), "unfused torch": unfused}
+        # fwd reads x, residual, writes y, residual_out; bwd reads residual_out, dy, dresidual_out,
+        # writes dx, dresidual
+        time_impls(
+            "addnorm",
+            dtype_name,
+            [rows, d],
+            impls,
+            inputs,
+            {"fwd": 2 * xb + 2 * rb, "fwd+bwd": 5 * xb + 6 * rb},
+            timing,
+        )
+
+
 def ssd_section(check_shape, time_shape, correctness, timing) -> None:
     chunk = 256
 
@@ -303,7 +354,9 @@ def main() -> int:
     )
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     parser.add_argument("--out", default=default_out, help="JSON output path (default: $OUT/kernels.json)")
-    parser.add_argument("--ops", default="conv,norm,ssd", help="comma-separated subset of conv,norm,ssd")
+    parser.add_argument(
+        "--ops", default="conv,norm,addnorm,ssd", help="comma-separated subset of conv,norm,addnorm,ssd"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -331,6 +384,8 @@ def main() -> int:
         "conv": (conv_section, (2, 2048, 8448), (4, 4096, 8448)),
         # norm: (rows = B*L, d)
         "norm": (norm_section, (4096, 8192), (16384, 8192)),
+        # addnorm: (rows = B*L, d_model) of lm-1.4b batch 8
+        "addnorm": (addnorm_section, (4096, 2048), (8192, 2048)),
         # ssd: (b, l, h, p, g, n); l not a multiple of the chunk size in the check
         "ssd": (ssd_section, (2, 1000, 32, 64, 1, 128), (4, 4096, 128, 64, 1, 128)),
     }

@@ -1,5 +1,6 @@
 """Profile one eager joint training step (every granularity fwd+bwd + AdamW) on the GPU and write
-the kernel table (by CUDA time) and a host-vs-device summary.
+the kernel table (by CUDA time) and a host-vs-device summary. Weight gradients are direct (as the
+training module uses on one GPU) unless --autograd-grads.
 
     python scripts/gpu_profile.py --preset lm-1.4b --batch 8 --out $OUT/profile-1.4b.txt
 """
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba.models import direct_weight_grads  # noqa: E402
 
 
 def main() -> None:
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--preset", default="lm-1.4b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--autograd-grads", action="store_true", help="plain autograd weight gradients")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.txt"))
     args = ap.parse_args()
     with torch.device("cuda"):
@@ -34,7 +37,7 @@ def main() -> None:
 
     def step():
         for w in grans:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(not args.autograd_grads):
                 logits = model(ids[:, :-1], width=w)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             (loss / len(grans)).backward()
@@ -53,7 +56,8 @@ def main() -> None:
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
     table = events.table(sort_by="self_cuda_time_total", row_limit=35)
     summary = (
-        f"{args.preset} batch {args.batch} seq {args.seq}: device time {cuda_total:.1f} ms, "
+        f"{args.preset} batch {args.batch} seq {args.seq} "
+        f"({'autograd' if args.autograd_grads else 'direct'} weight grads): device time {cuda_total:.1f} ms, "
         f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
     )
     Path(args.out).write_text(summary + "\n\n" + table)

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # One GPU-machine session (see shared/docs/gpu.md): install the project and the carried mamba-ssm
 # wheel (.whl/, built with MAMBA_SKIP_CUDA_BUILD), run the GPU tests, the kernel check and the
-# benchmark. Everything lands in $OUT. Usage: bash scripts/gpu_session.sh [tests] [kernels] [bench:PRESET:BATCH ...]
+# benchmark and the profile. Everything lands in $OUT.
+# Usage: bash scripts/gpu_session.sh [tests] [kernels] [bench:PRESET:BATCH ...] [profile:PRESET:BATCH ...]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# NO_INSTALL=1: a concurrent session on the same machine installed already (one GPU each).
+if [ -z "${NO_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_gpu_path.py} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
-    kernels) timeout 300 python3 scripts/gpu_kernel_check.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_add_rmsnorm.py tests/test_gpu_path.py} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
+    kernels) timeout "${KERNELS_TIMEOUT:-300}" python3 scripts/gpu_kernel_check.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     bench:*) IFS=: read -r _ preset batch <<< "$step"
       timeout "${BENCH_TIMEOUT:-420}" python3 scripts/gpu_bench.py --preset "$preset" --batch "$batch" --seq 1024 --reps "${REPS:-10}" --out "$OUT/bench-$preset.json" 2>&1 | tee "$OUT/bench-$preset.log" | tail -25 ;;
+    profile:*) IFS=: read -r _ preset batch <<< "$step"
+      timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/gpu_profile.py --preset "$preset" --batch "$batch" --out "$OUT/profile-$preset.txt" 2>&1 | tail -3 ;;
   esac
 done

@@ -59,10 +59,13 @@ def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["autograd-grads", "direct-grads"])
 @pytest.mark.parametrize("weights", [None, [0.4, 0.3, 0.2, 0.1]], ids=["equal", "weighted"])
-def test_step_gradient_equals_weighted_sum_of_width_losses(tmp_path, weights):
+def test_step_gradient_equals_weighted_sum_of_width_losses(tmp_path, weights, direct):
     data = TokenData()
-    module = LanguageModeling(tiny_lm(), loss_weights=weights, optimizer=sgd, gradient_clip_val=None)
+    module = LanguageModeling(
+        tiny_lm(), loss_weights=weights, optimizer=sgd, gradient_clip_val=None, direct_weight_grads=direct
+    )
     reference = copy.deepcopy(module.model)
     before = params(module.model)
     trainer(tmp_path, max_steps=1).fit(module, data)
@@ -120,11 +123,28 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
         (dict(loss_weights=[1.0]), "loss_weights has 1"),
         (dict(mixnmatch=[[64]]), "mixnmatch\\[0\\]"),
         (dict(accumulate_grad_batches=0), "accumulate_grad_batches"),
+        (dict(cuda_graphs=True, accumulate_grad_batches=2), "cuda_graphs needs accumulate_grad_batches=1"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LanguageModeling(tiny_lm(), **kwargs)
+
+
+def test_cuda_graphs_without_a_gpu_is_a_clear_error(tmp_path):
+    module = LanguageModeling(tiny_lm(), cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True cannot be used: the model is on cpu"):
+        trainer(tmp_path, max_steps=1).fit(module, TokenData())
+
+
+def test_direct_weight_grads_refused_under_ddp():
+    class WrappedLikeDDP(torch.nn.Module):
+        def no_sync(self): ...
+
+    assert LanguageModeling(tiny_lm())._use_direct_weight_grads(torch.nn.Module()) is True  # auto: on
+    assert LanguageModeling(tiny_lm())._use_direct_weight_grads(WrappedLikeDDP()) is False  # auto: off
+    with pytest.raises(ValueError, match="cannot be used with DDP/FSDP"):
+        LanguageModeling(tiny_lm(), direct_weight_grads=True)._use_direct_weight_grads(WrappedLikeDDP())
 
 
 def test_resume_gives_the_same_next_loss(tmp_path):

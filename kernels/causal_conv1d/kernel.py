@@ -1,20 +1,30 @@
 """Triton causal depthwise conv1d (+ SiLU), forward and backward; semantics of `causal_conv1d_ref`.
 
-Layout: x is channels-last (B, L, C), so every tile is (BLOCK_L time steps, BLOCK_C channels) with
-the channel axis contiguous (coalesced loads). Forward programs tile (time blocks, channel blocks,
-batch); each reads K time-shifted copies of its tile, the overlap being served by L1/L2, not DRAM.
+Layout: x is channels-last (B, L, C), so every tile is (rows, BLOCK_C channels) with the channel
+axis contiguous: each row of a tile is one time step of BLOCK_C channels, one coalesced segment.
 Time t < 0 reads initial_state[:, :, t + K-1] (as x's dtype, like the reference).
 
-Backward: programs tile (groups of time blocks, channel blocks, batch) and walk their time blocks.
-The pre-activation is recomputed, not saved (one (B, L, C) tensor less per layer between forward and
-backward). dx[t] needs g = dloss/dpre at t..t+K-1: the K shifts of g are one (TAPS, BLOCK_L, BLOCK_C)
-tensor built from K shifted 3-D loads, which keeps the weights as K channel vectors in registers
-(per-shift weight tiles, hoisted out of the loop, cost ~200 registers). dweight/dbias are reduced in
-two stages, fp32 partial sums per program then a sum in PyTorch: deterministic, unlike atomics.
+Forward: programs tile (time blocks, channel blocks, batch); each reads K time-shifted copies of its
+(BLOCK_L, BLOCK_C) tile, the overlap being served by L1/L2, not DRAM. Only the first K-1 outputs
+read initial_state: program 0 recomputes them in a small tile of their own, so that the main tile
+compiles without the initial_state loads.
+
+Backward: the pre-activation is recomputed, not saved (one (B, L, C) tensor less per layer between
+forward and backward). With g = dloss/dpre (dy silu'(pre)), dx[t] = sum_s weight[K-1-s] g[t+s]
+needs g at K consecutive times. A program owns R runs of CH consecutive times (tile row i = the run
+starting at T0 + i*CH) and walks them in lockstep, one time step u per iteration: it loads x[u] and
+dy[u] (one (R, BLOCK_C) tile each, prefetched one step ahead), keeps the last K inputs and the last K
+values of g in registers as a sliding window, and stores dx[u - (K-1)]. So x and dy are read once
+(plus a halo of K-1 steps per run) and no tensor is larger than one (R, BLOCK_C) tile; the weights
+are K channel vectors loaded once per program. dweight/dbias accumulate elementwise in (R, BLOCK_C)
+fp32 tiles, summed over the rows once per program, then reduced in two stages: fp32 partial sums per
+program, summed in PyTorch (deterministic, unlike atomics). dinitial_state (the gradient at the
+times -(K-1)..-1) comes from a small tile of program 0 that recomputes g at the first steps.
 
 Limits: K in 2..4; L * C < 2**31 (int32 offsets inside one sequence); fp32/bf16/fp16 (fp32 math).
-The block sizes are fixed, chosen from ptxas register counts for sm_90 (fwd ~90, bwd ~190 registers,
-no spills without initial_state), not tuned by timing.
+The block sizes are fixed, chosen for coalescing (each tile row is BLOCK_C contiguous channels) and
+for occupancy (ptxas register counts for sm_90: forward ~124, backward ~120, ~145 with
+initial_state, no spills), and compared with a few alternatives on one H200 shape; not autotuned.
 """
 
 from __future__ import annotations
@@ -28,11 +38,21 @@ from ..backend import empty_output as _empty
 # The only K the mixer uses is 4; 2..4 keep `_TAPS` (a power of two >= K-1 and >= K) at 4.
 _MIN_K, _MAX_K = 2, 4
 _TAPS = 4
-_BLOCK_L = 16
-_MAX_BLOCK_C = 64
-# Backward programs walk up to this many time blocks each, so that the dweight/dbias partial sums
-# (one row per program) stay small next to x.
-_BWD_BLOCKS_PER_PROGRAM = 8
+# Forward: (32, 128) tiles over 4 warps, 32 elements a thread per fp32 tile, about two tiles live
+# (the accumulator and one shifted load): ~124 registers.
+_FWD_BLOCK_L = 32
+_FWD_MAX_BLOCK_C = 128
+_FWD_WARPS = 4
+# Backward: (R, BLOCK_C) = (8, 64) tiles over 4 warps, 4 channels a thread (see c2 in the kernel), so
+# 4 fp32 registers a tile: the ~13 tiles live (x and g windows, dweight/dbias accumulators, the
+# prefetched loads) and the 5 weight/bias channel vectors take ~120 registers, which leaves room
+# for 4 programs (16 warps) an SM. 8 warps, or 8 channels a thread, double the registers a thread.
+_BWD_ROWS = 8
+_BWD_MAX_BLOCK_C = 64
+_BWD_WARPS = 4
+# Steps per run: the halo of K-1 steps is 3/128 of the loads; a program covers R * CH = 1024 steps,
+# so the dweight/dbias partial sums (K + 1 fp32 per channel and program) stay small next to x.
+_BWD_CHUNK = 128
 
 
 @triton.jit
@@ -56,7 +76,7 @@ def _load_padded(
 ):
     """x[b, t, c] as float32, where -(K-1) <= t < 0 reads initial_state[b, c, t + K-1], and 0 elsewhere.
 
-    t and c are index tensors that broadcast against each other ((R, 1) and (1, BLOCK_C), or 3-D);
+    t and c are index tensors that broadcast against each other ((R, 1) and (1, BLOCK_C));
     t_min (a scalar <= min(t)) skips the initial_state load for the tiles that cannot touch it.
     """
     cmask = c < C
@@ -79,99 +99,102 @@ def _load_padded(
 
 
 @triton.jit
-def _grad_input_tile(
+def _tap(k: tl.constexpr, v0, v1, v2, v3):
+    """v_k for a compile-time k (weights, windows and dweight rows are separate variables)."""
+    if k == 0:
+        v = v0
+    elif k == 1:
+        v = v1
+    elif k == 2:
+        v = v2
+    else:
+        v = v3
+    return v
+
+
+@triton.jit
+def _load_tap(w_ptr, c, cmask, stride_wc, stride_wk, k: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """weight[c, k] as a float32 channel vector; zeros for the unused taps k >= K."""
+    if k < K:
+        w = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    return w
+
+
+@triton.jit
+def _load_step(row_ptr, u, stride_l, L, cmask2):
+    """row_ptr[u * stride_l] for the (R, 1) times u, in the tensor's dtype; 0 for u >= L."""
+    return tl.load(row_ptr + u * stride_l, mask=(u < L) & cmask2, other=0.0)
+
+
+@triton.jit
+def _fwd_tile(
     x_ptr,
-    init_ptr,
     w_ptr,
     bias_ptr,
-    dy_ptr,
-    dfinal_ptr,
+    init_ptr,
+    y_ptr,
     b,
     t0,
     c,
+    store_from,
+    store_to,
     L,
     C,
     stride_xb,
     stride_xl,
     stride_xc,
-    stride_ib,
-    stride_ic,
-    stride_ik,
     stride_wc,
     stride_wk,
     stride_bias,
-    stride_dyb,
-    stride_dyl,
-    stride_dyc,
-    stride_dfb,
-    stride_dfc,
-    stride_dfk,
+    stride_ib,
+    stride_ic,
+    stride_ik,
+    stride_yb,
+    stride_yl,
+    stride_yc,
     R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     K: tl.constexpr,
-    TAPS: tl.constexpr,
-    HAS_INIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     ACTIVATION: tl.constexpr,
 ):
-    """Gradients at the x times t in [t0, t0 + R); t < 0 stands for initial_state slot t + K-1.
-
-    Returns d loss / d x[t] (from y and from final_state) and g[t] = d loss / d pre-activation[t],
-    float32 (R, BLOCK_C). With g3[s, i] = g[t0 + s + i], d x[t0 + i] = sum_s weight[K-1-s] g3[s, i]
-    + dfinal[t0 + i + K-1 - L]. The K shifts are one (TAPS, R, BLOCK_C) tensor, so that the weights
-    stay K channel vectors in registers.
-    """
-    s = tl.arange(0, TAPS)  # shift
-    i = tl.arange(0, R)
+    """Stores y[t] for the times t in [t0, t0 + R) with store_from <= t < store_to."""
     cmask = c < C
-    c3 = c[None, None, :]
-    tg = (t0 + s[:, None] + i[None, :])[:, :, None]  # (TAPS, R, 1) time of g3[s, i]
-    g3 = tl.load(
-        dy_ptr + b * stride_dyb + tg * stride_dyl + c3 * stride_dyc,
-        mask=(s < K)[:, None, None] & (tg >= 0) & (tg < L) & (c3 < C),
-        other=0.0,
-    ).to(tl.float32)  # (TAPS, R, BLOCK_C)
+    t = (t0 + tl.arange(0, R))[:, None]  # (R, 1)
+    acc = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c * stride_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):  # y[t] = bias + sum_k weight[k] x[t + k - (K-1)]
+        w_k = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+        x_k = _load_padded(
+            x_ptr,
+            init_ptr,
+            b,
+            t + (k - (K - 1)),
+            c[None, :],
+            t0 + k - (K - 1),
+            L,
+            C,
+            stride_xb,
+            stride_xl,
+            stride_xc,
+            stride_ib,
+            stride_ic,
+            stride_ik,
+            K,
+            HAS_INIT,
+        )
+        acc += w_k[None, :] * x_k
     if ACTIVATION:
-        pre3 = tl.zeros((TAPS, R, BLOCK_C), dtype=tl.float32)
-        if HAS_BIAS:
-            pre3 += tl.load(bias_ptr + c * stride_bias, mask=cmask, other=0.0).to(tl.float32)[None, None, :]
-        for k in tl.static_range(K):
-            w_k = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
-            x_k = _load_padded(
-                x_ptr,
-                init_ptr,
-                b,
-                tg + (k - (K - 1)),
-                c3,
-                t0 + k - (K - 1),
-                L,
-                C,
-                stride_xb,
-                stride_xl,
-                stride_xc,
-                stride_ib,
-                stride_ic,
-                stride_ik,
-                K,
-                HAS_INIT,
-            )  # (TAPS, R, BLOCK_C)
-            pre3 += w_k[None, None, :] * x_k
-        sig = tl.sigmoid(pre3)
-        g3 = g3 * sig * (1.0 + pre3 * (1.0 - sig))  # silu'(u) = s(u) (1 + u (1 - s(u)))
-    w_dx = tl.load(
-        w_ptr + c[None, :] * stride_wc + (K - 1 - s)[:, None] * stride_wk,
-        mask=(s < K)[:, None] & cmask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # (TAPS, BLOCK_C): w_dx[s] = weight[K-1-s]
-    dx = tl.sum(w_dx[:, None, :] * g3, axis=0)
-    j = (t0 + i + (K - 1) - L)[:, None]  # the final_state slot x[t] landed in, if any
-    dx += tl.load(
-        dfinal_ptr + b * stride_dfb + c[None, :] * stride_dfc + j * stride_dfk,
-        mask=(j >= 0) & (j < K - 1) & cmask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    g = tl.sum(tl.where((s == 0)[:, None, None], g3, 0.0), axis=0)
-    return dx, g
+        acc = acc * tl.sigmoid(acc)
+    tl.store(
+        y_ptr + b * stride_yb + t * stride_yl + c[None, :] * stride_yc,
+        acc,
+        mask=(t >= store_from) & (t < store_to) & cmask[None, :],
+    )
 
 
 @triton.jit
@@ -212,37 +235,75 @@ def _conv_fwd_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     t0 = pid_l * BLOCK_L
-    t = (t0 + tl.arange(0, BLOCK_L))[:, None]  # (BLOCK_L, 1)
-    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c * stride_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):  # y[t] = bias + sum_k weight[k] x[t + k - (K-1)]
-        w_k = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
-        x_k = _load_padded(
-            x_ptr,
-            init_ptr,
-            b,
-            t + (k - (K - 1)),
-            c[None, :],
-            t0 + k - (K - 1),
-            L,
-            C,
-            stride_xb,
-            stride_xl,
-            stride_xc,
-            stride_ib,
-            stride_ic,
-            stride_ik,
-            K,
-            HAS_INIT,
-        )
-        acc += w_k[None, :] * x_k
-    if ACTIVATION:
-        acc = acc * tl.sigmoid(acc)
-    tl.store(
-        y_ptr + b * stride_yb + t * stride_yl + c[None, :] * stride_yc,
-        acc,
-        mask=(t < L) & cmask[None, :],
+    # With initial_state, the outputs t < K-1 (the only ones that read it) come from a TAPS-step tile
+    # of program 0; the main tile reads zeros for t < 0 and leaves them out.
+    store_from = 0
+    if HAS_INIT:
+        store_from = K - 1
+        if pid_l == 0:
+            _fwd_tile(
+                x_ptr,
+                w_ptr,
+                bias_ptr,
+                init_ptr,
+                y_ptr,
+                b,
+                0,
+                c,
+                0,
+                tl.minimum(K - 1, L),
+                L,
+                C,
+                stride_xb,
+                stride_xl,
+                stride_xc,
+                stride_wc,
+                stride_wk,
+                stride_bias,
+                stride_ib,
+                stride_ic,
+                stride_ik,
+                stride_yb,
+                stride_yl,
+                stride_yc,
+                TAPS,
+                BLOCK_C,
+                K,
+                HAS_BIAS,
+                True,
+                ACTIVATION,
+            )
+    _fwd_tile(
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        init_ptr,
+        y_ptr,
+        b,
+        t0,
+        c,
+        store_from,
+        L,
+        L,
+        C,
+        stride_xb,
+        stride_xl,
+        stride_xc,
+        stride_wc,
+        stride_wk,
+        stride_bias,
+        stride_ib,
+        stride_ic,
+        stride_ik,
+        stride_yb,
+        stride_yl,
+        stride_yc,
+        BLOCK_L,
+        BLOCK_C,
+        K,
+        HAS_BIAS,
+        False,
+        ACTIVATION,
     )
     if pid_l == tl.num_programs(0) - 1:
         # final_state[b, c, j] = x[L - (K-1) + j]: the last K-1 inputs (reaching into initial_state if L < K-1).
@@ -273,112 +334,89 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(
+def _dinit_tile(
     x_ptr,
     init_ptr,
-    w_ptr,
-    bias_ptr,
     dy_ptr,
     dfinal_ptr,
-    dx_ptr,
+    dinit_ptr,
     b,
-    t0,
     c,
     L,
     C,
-    dw_acc,
-    db_acc,
+    w0,
+    w1,
+    w2,
+    w3,
+    bias,
     stride_xb,
     stride_xl,
     stride_xc,
     stride_ib,
     stride_ic,
     stride_ik,
-    stride_wc,
-    stride_wk,
-    stride_bias,
     stride_dyb,
     stride_dyl,
     stride_dyc,
     stride_dfb,
     stride_dfc,
     stride_dfk,
-    stride_dxb,
-    stride_dxl,
-    stride_dxc,
-    R: tl.constexpr,
-    K: tl.constexpr,
+    stride_dib,
+    stride_dic,
+    stride_dik,
     TAPS: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    HAS_INIT: tl.constexpr,
+    K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
 ):
-    """Stores dx for the times [t0, t0 + R) and adds their share to dweight and dbias."""
-    t = (t0 + tl.arange(0, R))[:, None]  # (R, 1)
-    taps = tl.arange(0, TAPS)
-    dx, g = _grad_input_tile(
-        x_ptr,
-        init_ptr,
-        w_ptr,
-        bias_ptr,
-        dy_ptr,
-        dfinal_ptr,
-        b,
-        t0,
-        c,
-        L,
-        C,
-        stride_xb,
-        stride_xl,
-        stride_xc,
-        stride_ib,
-        stride_ic,
-        stride_ik,
-        stride_wc,
-        stride_wk,
-        stride_bias,
-        stride_dyb,
-        stride_dyl,
-        stride_dyc,
-        stride_dfb,
-        stride_dfc,
-        stride_dfk,
-        R,
-        BLOCK_C,
-        K,
-        TAPS,
-        HAS_INIT,
-        HAS_BIAS,
-        ACTIVATION,
-    )
-    db_acc += tl.sum(g, axis=0)
-    for k in tl.static_range(K):
-        x_k = _load_padded(
-            x_ptr,
-            init_ptr,
-            b,
-            t + (k - (K - 1)),
-            c[None, :],
-            t0 + k - (K - 1),
-            L,
-            C,
-            stride_xb,
-            stride_xl,
-            stride_xc,
-            stride_ib,
-            stride_ic,
-            stride_ik,
-            K,
-            HAS_INIT,
-        )
-        dw_acc += tl.where(taps[:, None] == k, tl.sum(g * x_k, axis=0)[None, :], 0.0)
-    tl.store(
-        dx_ptr + b * stride_dxb + t * stride_dxl + c[None, :] * stride_dxc,
-        dx,
-        mask=(t < L) & (c < C)[None, :],
-    )
-    return dw_acc, db_acc
+    """dinitial_state[b, c, t + K-1] = dloss/dx[t] for the times -(K-1) <= t < 0: sum_s weight[K-1-s]
+    g[t+s] (g at the times 0..K-2, recomputed here, one shift at a time) + dfinal[t + K-1 - L]."""
+    t = (tl.arange(0, TAPS) - TAPS)[:, None]  # (TAPS, 1): the times -TAPS..-1
+    c2 = c[None, :]
+    cmask2 = c2 < C
+    dx = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+    for s in tl.static_range(1, K):  # g[t + s] for s = 0 is at a time < 0, where g = 0
+        ts = t + s
+        g = tl.load(
+            dy_ptr + b * stride_dyb + ts * stride_dyl + c2 * stride_dyc,
+            mask=(ts >= 0) & (ts < L) & cmask2,
+            other=0.0,
+        ).to(tl.float32)
+        if ACTIVATION:
+            pre = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+            if HAS_BIAS:
+                pre += bias[None, :]
+            for k in tl.static_range(K):
+                pre += _tap(k, w0, w1, w2, w3)[None, :] * _load_padded(
+                    x_ptr,
+                    init_ptr,
+                    b,
+                    ts + (k - (K - 1)),
+                    c2,
+                    -1,
+                    L,
+                    C,
+                    stride_xb,
+                    stride_xl,
+                    stride_xc,
+                    stride_ib,
+                    stride_ic,
+                    stride_ik,
+                    K,
+                    True,
+                )
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))  # silu'(u) = s(u) (1 + u (1 - s(u)))
+        dx += _tap(K - 1 - s, w0, w1, w2, w3)[None, :] * g
+    j = t + (K - 1) - L  # final_state slot of time t, when L < K-1
+    dx += tl.load(
+        dfinal_ptr + b * stride_dfb + c2 * stride_dfc + j * stride_dfk,
+        mask=(j >= 0) & (j < K - 1) & cmask2,
+        other=0.0,
+    ).to(tl.float32)
+    p = t + (K - 1)
+    tl.store(dinit_ptr + b * stride_dib + c2 * stride_dic + p * stride_dik, dx, mask=(p >= 0) & cmask2)
 
 
 @triton.jit
@@ -395,7 +433,6 @@ def _conv_bwd_kernel(
     db_part_ptr,
     L,
     C,
-    blocks_per_program,
     stride_xb,
     stride_xl,
     stride_xc,
@@ -417,9 +454,10 @@ def _conv_bwd_kernel(
     stride_dib,
     stride_dic,
     stride_dik,
+    CH,
     K: tl.constexpr,
     TAPS: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_INIT: tl.constexpr,
@@ -429,149 +467,143 @@ def _conv_bwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    taps = tl.arange(0, TAPS)
-    dw_acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)  # row k: sum_t g[t] * x[t + k - (K-1)]
-    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    # With initial_state, the first TAPS (>= K-1) steps, the only ones that read it, are a small tile of
-    # their own and the BLOCK_L tiles start after them: the tile loop then compiles without the
-    # initial_state loads, which would push it past 255 registers.
-    t_start = 0
-    if HAS_INIT:
-        t_start = TAPS
-        if pid_t == 0:
-            dw_acc, db_acc = _bwd_tile(
-                x_ptr,
-                init_ptr,
-                w_ptr,
-                bias_ptr,
-                dy_ptr,
-                dfinal_ptr,
-                dx_ptr,
-                b,
-                0,
-                c,
-                L,
-                C,
-                dw_acc,
-                db_acc,
-                stride_xb,
-                stride_xl,
-                stride_xc,
-                stride_ib,
-                stride_ic,
-                stride_ik,
-                stride_wc,
-                stride_wk,
-                stride_bias,
-                stride_dyb,
-                stride_dyl,
-                stride_dyc,
-                stride_dfb,
-                stride_dfc,
-                stride_dfk,
-                stride_dxb,
-                stride_dxl,
-                stride_dxc,
-                TAPS,
-                K,
-                TAPS,
-                BLOCK_C,
-                True,
-                HAS_BIAS,
-                ACTIVATION,
-            )
-    for blk in range(blocks_per_program):
-        dw_acc, db_acc = _bwd_tile(
-            x_ptr,
-            init_ptr,
-            w_ptr,
-            bias_ptr,
-            dy_ptr,
-            dfinal_ptr,
-            dx_ptr,
-            b,
-            t_start + (pid_t * blocks_per_program + blk) * BLOCK_L,
-            c,
-            L,
-            C,
-            dw_acc,
-            db_acc,
-            stride_xb,
-            stride_xl,
-            stride_xc,
-            stride_ib,
-            stride_ic,
-            stride_ik,
-            stride_wc,
-            stride_wk,
-            stride_bias,
-            stride_dyb,
-            stride_dyl,
-            stride_dyc,
-            stride_dfb,
-            stride_dfc,
-            stride_dfk,
-            stride_dxb,
-            stride_dxl,
-            stride_dxc,
-            BLOCK_L,
-            K,
-            TAPS,
-            BLOCK_C,
-            False,
-            HAS_BIAS,
-            ACTIVATION,
+    # Runs of 4 contiguous channels a thread (8-byte bf16 accesses, still whole 32-byte sectors a warp)
+    # rather than the 8 of a 16-byte access: the (R, BLOCK_C) tiles then cover R = 8 rows over 4 warps
+    # with 4 elements a thread. True hints (BLOCK_C >= 4, a power of two), if understated ones.
+    c2 = tl.max_contiguous(tl.multiple_of(c, 4), 4)[None, :]
+    cmask2 = c2 < C
+    # The weights, K channel vectors, are loaded once per program.
+    w0 = _load_tap(w_ptr, c, cmask, stride_wc, stride_wk, 0, K, BLOCK_C)
+    w1 = _load_tap(w_ptr, c, cmask, stride_wc, stride_wk, 1, K, BLOCK_C)
+    w2 = _load_tap(w_ptr, c, cmask, stride_wc, stride_wk, 2, K, BLOCK_C)
+    w3 = _load_tap(w_ptr, c, cmask, stride_wc, stride_wk, 3, K, BLOCK_C)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c * stride_bias, mask=cmask, other=0.0).to(tl.float32)
+    # Row i walks the times [start_i, start_i + CH); dx[u - (K-1)] is final at step u.
+    t_first = pid_t * (R * CH)
+    start = (t_first + tl.arange(0, R) * CH)[:, None]  # (R, 1)
+    x_row = x_ptr + b * stride_xb + c2 * stride_xc  # (1, BLOCK_C)
+    dy_row = dy_ptr + b * stride_dyb + c2 * stride_dyc
+    # Windows: xw_k = x[u - (TAPS-1) + k] and gw_k = g[u - (TAPS-1) + k]; with K < TAPS the oldest ones
+    # are unused. Before the first step they hold the K-1 inputs before each run (the only loads that
+    # can read initial_state) and zeros (g before start_i only feeds dx before start_i, not stored here).
+    xw0 = _load_padded(x_ptr, init_ptr, b, start - 3, c2, t_first - 3, L, C, stride_xb, stride_xl, stride_xc,
+                       stride_ib, stride_ic, stride_ik, K, HAS_INIT)  # fmt: skip
+    xw1 = _load_padded(x_ptr, init_ptr, b, start - 2, c2, t_first - 2, L, C, stride_xb, stride_xl, stride_xc,
+                       stride_ib, stride_ic, stride_ik, K, HAS_INIT)  # fmt: skip
+    xw2 = _load_padded(x_ptr, init_ptr, b, start - 1, c2, t_first - 1, L, C, stride_xb, stride_xl, stride_xc,
+                       stride_ib, stride_ic, stride_ik, K, HAS_INIT)  # fmt: skip
+    gw0 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    gw1 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    gw2 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    dw0 = tl.zeros((R, BLOCK_C), dtype=tl.float32)  # dw_k: sum over the steps of g[u] * x[u + k - (K-1)]
+    dw1 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    dw2 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    dw3 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((R, BLOCK_C), dtype=tl.float32)
+    # The loads of step u are issued one step ahead (x and dy in their own dtype).
+    x_next = _load_step(x_row, start, stride_xl, L, cmask2)
+    dy_next = _load_step(dy_row, start, stride_dyl, L, cmask2)
+    for step in range(CH + K - 1):
+        u = start + step
+        x_cur = x_next
+        dy_cur = dy_next
+        x_next = _load_step(x_row, u + 1, stride_xl, L, cmask2)
+        dy_next = _load_step(dy_row, u + 1, stride_dyl, L, cmask2)
+        xw3 = x_cur.to(tl.float32)
+        g = dy_cur.to(tl.float32)  # 0 for u >= L
+        if ACTIVATION:
+            pre = bias[None, :] + _tap(K - 1, w0, w1, w2, w3)[None, :] * xw3
+            for k in tl.static_range(K - 1):
+                pre += _tap(k, w0, w1, w2, w3)[None, :] * _tap(k + TAPS - K, xw0, xw1, xw2, xw3)
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))  # silu'(u) = s(u) (1 + u (1 - s(u)))
+        # dweight/dbias from the run's own times only (the last K-1 steps are the next run's halo).
+        g_own = tl.where(step < CH, g, 0.0)
+        db += g_own
+        dw0 += g_own * _tap(TAPS - K, xw0, xw1, xw2, xw3)
+        dw1 += g_own * _tap(TAPS - K + 1, xw0, xw1, xw2, xw3)
+        if K > 2:
+            dw2 += g_own * _tap(TAPS - K + 2, xw0, xw1, xw2, xw3)
+        if K > 3:
+            dw3 += g_own * xw3
+        # dx[t], t = u - (K-1): sum_s weight[K-1-s] g[t + s], the window plus this step's g.
+        dx = _tap(0, w0, w1, w2, w3)[None, :] * g
+        for s in tl.static_range(K - 1):
+            dx += _tap(K - 1 - s, w0, w1, w2, w3)[None, :] * _tap(s + TAPS - K, gw0, gw1, gw2, g)
+        if t_first + (R - 1) * CH + step >= L:  # some row's x[t] also landed in final_state[u - L]
+            jf = u - L
+            dx += tl.load(
+                dfinal_ptr + b * stride_dfb + c2 * stride_dfc + jf * stride_dfk,
+                mask=(jf >= 0) & (jf < K - 1) & cmask2,
+                other=0.0,
+            ).to(tl.float32)
+        t = u - (K - 1)
+        tl.store(
+            dx_ptr + b * stride_dxb + t * stride_dxl + c2 * stride_dxc,
+            dx,
+            mask=(t < L) & (step >= K - 1) & cmask2,
         )
-    # Partial sums, one row per (batch, time program): (B, n_time_programs, TAPS, C) and (B, n_time_programs, C).
+        xw0 = xw1
+        xw1 = xw2
+        xw2 = xw3
+        gw0 = gw1
+        gw1 = gw2
+        gw2 = g
+    # Partial sums, one row per (batch, time program): (B, n_time_programs, K, C) and (B, n_time_programs, C).
     part = b * tl.num_programs(0) + pid_t
-    tl.store(dw_part_ptr + (part * TAPS + taps[:, None]) * C + c[None, :], dw_acc, mask=cmask[None, :])
-    tl.store(db_part_ptr + part * C + c, db_acc, mask=cmask)
+    tl.store(db_part_ptr + part * C + c, tl.sum(db, axis=0), mask=cmask)
+    dw_row = dw_part_ptr + part * K * C + c
+    tl.store(dw_row, tl.sum(dw0, axis=0), mask=cmask)
+    tl.store(dw_row + C, tl.sum(dw1, axis=0), mask=cmask)
+    if K > 2:
+        tl.store(dw_row + 2 * C, tl.sum(dw2, axis=0), mask=cmask)
+    if K > 3:
+        tl.store(dw_row + 3 * C, tl.sum(dw3, axis=0), mask=cmask)
     if HAS_INIT:  # noqa: SIM102 (constexpr test alone, see _load_padded)
-        if pid_t == 0:  # initial_state slot j holds x time j - (K-1)
-            dinit, _ = _grad_input_tile(
+        if pid_t == 0:
+            _dinit_tile(
                 x_ptr,
                 init_ptr,
-                w_ptr,
-                bias_ptr,
                 dy_ptr,
                 dfinal_ptr,
+                dinit_ptr,
                 b,
-                1 - K,
                 c,
                 L,
                 C,
+                w0,
+                w1,
+                w2,
+                w3,
+                bias,
                 stride_xb,
                 stride_xl,
                 stride_xc,
                 stride_ib,
                 stride_ic,
                 stride_ik,
-                stride_wc,
-                stride_wk,
-                stride_bias,
                 stride_dyb,
                 stride_dyl,
                 stride_dyc,
                 stride_dfb,
                 stride_dfc,
                 stride_dfk,
+                stride_dib,
+                stride_dic,
+                stride_dik,
                 TAPS,
                 BLOCK_C,
                 K,
-                TAPS,
-                HAS_INIT,
                 HAS_BIAS,
                 ACTIVATION,
             )
-            tl.store(
-                dinit_ptr + b * stride_dib + c[None, :] * stride_dic + taps[:, None] * stride_dik,
-                dinit,
-                mask=(taps < K - 1)[:, None] & cmask[None, :],
-            )
 
 
-def _block_c(channels: int) -> int:
-    return min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+def _block_c(channels: int, max_block_c: int) -> int:
+    # At least 4: the backward kernel tells the compiler its channel offsets come in aligned runs of 4.
+    return min(max_block_c, max(4, triton.next_power_of_2(channels)))
 
 
 def _conv_fwd(
@@ -589,8 +621,8 @@ def _conv_fwd(
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     bias_ = bias if bias is not None else weight
-    block_c = _block_c(channels)
-    grid = (triton.cdiv(seqlen, _BLOCK_L), triton.cdiv(channels, block_c), bsz)
+    block_c = _block_c(channels, _FWD_MAX_BLOCK_C)
+    grid = (triton.cdiv(seqlen, _FWD_BLOCK_L), triton.cdiv(channels, block_c), bsz)
     _conv_fwd_kernel[grid](
         x,
         weight,
@@ -608,12 +640,12 @@ def _conv_fwd(
         *final_state.stride(),
         K=k,
         TAPS=_TAPS,
-        BLOCK_L=_BLOCK_L,
+        BLOCK_L=_FWD_BLOCK_L,
         BLOCK_C=block_c,
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
         ACTIVATION=activation,
-        num_warps=4,
+        num_warps=_FWD_WARPS,
     )
     return y, final_state
 
@@ -633,18 +665,17 @@ def _conv_bwd(
     dinit = (
         _empty(initial_state.shape, x, initial_state.dtype) if initial_state is not None else None
     )  # (B, C, K-1)
-    # Tiles of BLOCK_L steps after the first _TAPS steps, which have a tile of their own when initial_state is given.
-    n_blocks = max(1, triton.cdiv(seqlen - (_TAPS if initial_state is not None else 0), _BLOCK_L))
-    blocks_per_program = min(n_blocks, _BWD_BLOCKS_PER_PROGRAM)
-    n_time_programs = triton.cdiv(n_blocks, blocks_per_program)
-    dw_part = _empty((bsz, n_time_programs, _TAPS, channels), x, torch.float32)
+    # Runs of _BWD_CHUNK steps, shorter when the sequence does not fill the R rows of one program.
+    chunk = max(1, min(_BWD_CHUNK, triton.cdiv(seqlen, _BWD_ROWS)))
+    n_time_programs = triton.cdiv(seqlen, _BWD_ROWS * chunk)
+    dw_part = _empty((bsz, n_time_programs, k, channels), x, torch.float32)
     db_part = _empty((bsz, n_time_programs, channels), x, torch.float32)
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     dinit_ = dinit if dinit is not None else dx
     dinit_strides = dinit.stride() if dinit is not None else (0, 0, 0)
     bias_ = bias if bias is not None else weight
-    block_c = _block_c(channels)
+    block_c = _block_c(channels, _BWD_MAX_BLOCK_C)
     grid = (n_time_programs, triton.cdiv(channels, block_c), bsz)
     _conv_bwd_kernel[grid](
         x,
@@ -659,7 +690,6 @@ def _conv_bwd(
         db_part,
         seqlen,
         channels,
-        blocks_per_program,
         *x.stride(),
         *weight.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -668,16 +698,17 @@ def _conv_bwd(
         *dfinal.stride(),
         *dx.stride(),
         *dinit_strides,
+        chunk,
         K=k,
         TAPS=_TAPS,
-        BLOCK_L=_BLOCK_L,
+        R=_BWD_ROWS,
         BLOCK_C=block_c,
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
         ACTIVATION=activation,
-        num_warps=4,
+        num_warps=_BWD_WARPS,
     )
-    dweight = dw_part[:, :, :k].sum(dim=(0, 1)).t().to(weight.dtype)  # (C, K)
+    dweight = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)  # (C, K)
     dbias = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None  # (C,)
     return dx, dweight, dbias, dinit
 

@@ -4,6 +4,7 @@ from .backbone import Block, InferenceCache, MatMambaStack, NestedModel
 from .config import PRESETS, MatMambaConfig, allowed_width_step, resolve_widths
 from .lm import MatMambaLM
 from .mixer import MatMambaMixer, MixerState
+from .nested_linear import direct_weight_grads, nested_linear
 from .vision import ClassifierHead, MatMambaVision
 
 __all__ = [
@@ -19,5 +20,7 @@ __all__ = [
     "MixerState",
     "NestedModel",
     "allowed_width_step",
+    "direct_weight_grads",
+    "nested_linear",
     "resolve_widths",
 ]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lit_matmamba.kernels import add_rmsnorm
+
 from .config import MatMambaConfig, resolve_widths
 from .mixer import MatMambaMixer, MixerState
 
@@ -23,20 +25,53 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
+def add_norm(
+    hidden: torch.Tensor | None, residual: torch.Tensor, norm: nn.RMSNorm, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + hidden and its RMSNorm by `norm`'s weight and eps, in one op (`add_rmsnorm`).
+
+    Returns (normed, residual). The sum is kept in float32; under autocast the normed output is
+    written in the autocast dtype, which the next matmul would cast it to anyway.
+    """
+    device = residual.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return add_rmsnorm(hidden, residual, norm.weight, norm.eps, out_dtype=out_dtype, backend=backend)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), named as in mamba-ssm (`norm`, `mixer`)."""
+    """Pre-norm residual block, x + mixer(norm(x)), named as in mamba-ssm (`norm`, `mixer`).
+
+    As in mamba-ssm's fused blocks, the add is deferred to the next norm so that add and norm are
+    one op: a block takes `hidden`, the previous block's branch output (None for the first block),
+    and `residual`, the stream it is added to; it returns its own branch output and the stream
+    with `hidden` added (float32). The stack's final norm adds the last branch.
+    """
 
     def __init__(self, config: MatMambaConfig, layer: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = MatMambaMixer(config, config.layer_widths[layer])
         self.drop_path = drop_path
+        self.backend = config.backend
 
-    def forward(self, x: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
-        return x + drop_path(self.mixer(self.norm(x), width, state), self.drop_path, self.training)
+    def forward(
+        self,
+        hidden: torch.Tensor | None,
+        residual: torch.Tensor,
+        width: int,
+        state: MixerState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual: (B, L, d_model) -> (hidden, residual), the same shapes."""
+        normed, residual = add_norm(hidden, residual, self.norm, self.backend)  # (B, L, D) each
+        hidden = drop_path(self.mixer(normed, width, state), self.drop_path, self.training)
+        return hidden, residual
 
-    def step(self, x: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
-        return x + self.mixer.step(self.norm(x), width, state)
+    def step(
+        self, hidden: torch.Tensor | None, residual: torch.Tensor, width: int, state: MixerState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step: hidden, residual (B, d_model) -> (hidden, residual)."""
+        normed, residual = add_norm(hidden, residual, self.norm, self.backend)  # (B, D) each
+        return self.mixer.step(normed, width, state), residual
 
 
 @dataclass
@@ -56,19 +91,23 @@ class MatMambaStack(nn.Module):
         rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         self.layers = nn.ModuleList(Block(config, i, rates[i]) for i in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.backend = config.backend
 
     def forward(
         self, h: torch.Tensor, widths: list[int], cache: InferenceCache | None = None
     ) -> torch.Tensor:
-        """h: (B, L, d_model) -> (B, L, d_model), layer i at widths[i]."""
+        """h: embeddings (B, L, d_model) -> normed features (B, L, d_model), layer i at widths[i]."""
+        hidden, residual = None, h
         for i, layer in enumerate(self.layers):
-            h = layer(h, widths[i], None if cache is None else cache.states[i])
-        return self.norm_f(h)
+            hidden, residual = layer(hidden, residual, widths[i], None if cache is None else cache.states[i])
+        return add_norm(hidden, residual, self.norm_f, self.backend)[0]
 
     def step(self, h: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """One decoding step: h (B, d_model) -> (B, d_model) at the cache's widths."""
+        hidden, residual = None, h
         for i, layer in enumerate(self.layers):
-            h = layer.step(h, cache.widths[i], cache.states[i])
-        return self.norm_f(h)
+            hidden, residual = layer.step(hidden, residual, cache.widths[i], cache.states[i])
+        return add_norm(hidden, residual, self.norm_f, self.backend)[0]
 
 
 class NestedModel(nn.Module):

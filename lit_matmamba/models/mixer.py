@@ -25,12 +25,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_matmamba.kernels import causal_conv1d, causal_conv1d_step, gated_rmsnorm, ssd_scan, ssd_step
 
 from .config import MatMambaConfig
+from .nested_linear import nested_linear
 
 
 @dataclass
@@ -121,25 +121,21 @@ class MatMambaMixer(nn.Module):
             ssm=torch.zeros(batch_size, k, P, N, dtype=torch.float32, device=device),
         )
 
-    def _views(self, k: int) -> dict[str, torch.Tensor | None]:
-        """Prefix views of every parameter for a sub-mixer of k heads (no copies)."""
+    def _views(self, k: int) -> dict:
+        """Prefix views of every parameter for a sub-mixer of k heads (no copies); the blocks of
+        in_proj and out_proj as indices (`nested_linear` takes the whole weight)."""
         P = self.config.headdim
         c = self.d_bc + k * P
-        zdt = slice(self.zdt_offset, self.zdt_offset + k * (P + 1))
-        w, b = self.in_proj.weight, self.in_proj.bias
         return dict(
-            w_xbc=w[:c],
-            b_xbc=None if b is None else b[:c],
-            w_zdt=w[zdt],
-            b_zdt=None if b is None else b[zdt],
+            xbc_rows=slice(0, c),  # in_proj rows of the conv input [B, C, x_:k]
+            zdt_rows=slice(self.zdt_offset, self.zdt_offset + k * (P + 1)),  # rows of (z, dt)_:k
+            out_cols=k * P,  # out_proj input columns
             conv_w=self.conv1d.weight[:c, 0],
             conv_b=None if self.conv1d.bias is None else self.conv1d.bias[:c],
             dt_bias=self.dt_bias[:k],
             A=-torch.exp(self.A_log[:k].to(torch.promote_types(self.A_log.dtype, torch.float32))),
             D=self.D[:k],
             norm_w=self.norm.weight[: k * P],
-            w_out=self.out_proj.weight[:, : k * P],
-            b_out=self.out_proj.bias,
         )
 
     # Forward ---------------------------------------------------------------------------------
@@ -148,8 +144,9 @@ class MatMambaMixer(nn.Module):
     def _in_proj(self, u: torch.Tensor, v: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u -> xbc (B, L, 2GN + kP), z (B, L, k, P), dt (B, L, k): two matmuls over row prefixes."""
         P = self.config.headdim
-        xbc = F.linear(u, v["w_xbc"], v["b_xbc"])
-        zdt = F.linear(u, v["w_zdt"], v["b_zdt"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
+        w, b = self.in_proj.weight, self.in_proj.bias
+        xbc = nested_linear(u, w, b, rows=v["xbc_rows"])
+        zdt = nested_linear(u, w, b, rows=v["zdt_rows"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
         return xbc, zdt[..., :P], zdt[..., P]
 
     def _split_xbc(self, xbc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,7 +167,7 @@ class MatMambaMixer(nn.Module):
             norm_before_gate=cfg.norm_before_gate,
             backend=backend,
         )  # (B, L, kP)
-        return F.linear(y, v["w_out"], v["b_out"])
+        return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     def forward(self, u: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
         """u: (B, L, d_model) -> (B, L, d_model) through the sub-mixer of `width`.
@@ -222,9 +219,10 @@ class MatMambaMixer(nn.Module):
         k = self.nheads
         v = other._views(k)
         P = self.config.headdim
-        self.in_proj.weight.copy_(torch.cat([v["w_xbc"], v["w_zdt"]]))
+        rows = (v["xbc_rows"], v["zdt_rows"])
+        self.in_proj.weight.copy_(torch.cat([other.in_proj.weight[r] for r in rows]))
         if self.in_proj.bias is not None:
-            self.in_proj.bias.copy_(torch.cat([v["b_xbc"], v["b_zdt"]]))
+            self.in_proj.bias.copy_(torch.cat([other.in_proj.bias[r] for r in rows]))
         self.conv1d.weight.copy_(other.conv1d.weight[: self.conv_dim])
         if self.conv1d.bias is not None:
             self.conv1d.bias.copy_(v["conv_b"])

@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lit_matmamba.graphs import GraphedJointStep
 from lit_matmamba.models.config import resolve_widths
+from lit_matmamba.models.nested_linear import direct_weight_grads
 
 from .optim import adamw, param_groups
-from .parallel import clip_grad_norm, gradient_sync
+from .parallel import clip_grad_norm, gradient_sync, is_distributed
 
 Width = int | Sequence[int]
 
@@ -47,6 +50,16 @@ class NestedModule(L.LightningModule):
         gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
             the Trainer's flag).
         check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+        direct_weight_grads: add each width's weight gradients straight into the used block of
+            `.grad` (`lit_matmamba.models.nested_linear`: memory traffic proportional to the width
+            instead of full-size per width). None: on when training in one process; it cannot be
+            used under DDP/FSDP, whose gradient reduction hooks it bypasses.
+        cuda_graphs: capture the forward and backward of all granularities (and the clipping) as
+            one CUDA graph at the first training batch and replay it for every batch of the same
+            shape (`lit_matmamba.graphs.GraphedJointStep`): removes the kernel-launch overhead that
+            makes small widths no faster. One GPU, `accumulate_grad_batches=1`, bf16-mixed or fp32
+            precision (no fp16 loss scaling). Batches of another shape (a short last batch) run the
+            eager step; the graph keeps its own activation memory.
     """
 
     # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
@@ -63,6 +76,8 @@ class NestedModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
         check_finite: bool = True,
+        direct_weight_grads: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -96,6 +111,12 @@ class NestedModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.check_finite = check_finite
+        self.direct_weight_grads = direct_weight_grads
+        if cuda_graphs and accumulate_grad_batches != 1:
+            raise ValueError("cuda_graphs needs accumulate_grad_batches=1 (one graph is one optimizer step)")
+        self.cuda_graphs = cuda_graphs
+        self._graph: GraphedJointStep | None = None
+        self._eager_warned = False
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.eval_settings()})
@@ -140,17 +161,31 @@ class NestedModule(L.LightningModule):
         """Raise a clear error when the data does not fit the model (vocabulary, classes)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        opt = self.optimizers()
+        if self.cuda_graphs:
+            step = self._graph_for(batch)
+            if step is not None:
+                return self._graphed_training_step(step, batch)
         steps_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self._last_batch(batch_idx)
         wrapped = self.trainer.strategy.model  # the DDP/FSDP wrapper, if any
-        total = torch.zeros((), device=self.device)
+        direct = self._use_direct_weight_grads(wrapped)
+        losses = []
         for i, (width, weight) in enumerate(zip(self.granularities, self.loss_weights)):
             sync = steps_now and i == len(self.granularities) - 1
-            with gradient_sync(wrapped, sync):
+            with gradient_sync(wrapped, sync), direct_weight_grads(direct):
                 loss = self.loss(batch, width)
                 self.manual_backward(loss * (weight / self.accumulate_grad_batches))
-            loss = loss.detach()
-            total += weight * loss
+            losses.append(loss.detach())
+        total = self._log_losses(torch.stack(losses), batch)
+        if steps_now:
+            norm = clip_grad_norm(wrapped, self.parameters(), self.gradient_clip_val)
+            self._optimizer_step(norm)
+            self.optimizers().zero_grad(set_to_none=True)
+        return total
+
+    def _log_losses(self, losses: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Logs the per-width losses (len(granularities),) and returns their weighted sum."""
+        total = (losses * losses.new_tensor(self.loss_weights)).sum()
+        for width, loss in zip(self.granularities, losses):
             self.log(f"train/loss/w{width}", loss, batch_size=self.batch_size(batch))
         if self.check_finite and not torch.isfinite(total):
             raise FloatingPointError(
@@ -159,16 +194,71 @@ class NestedModule(L.LightningModule):
                 f"check the data, or use bf16 rather than fp16."
             )
         self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
-        if steps_now:
-            norm = clip_grad_norm(wrapped, self.parameters(), self.gradient_clip_val)
-            self.log("train/grad_norm", norm)
-            self.log("train/lr", opt.param_groups[0]["lr"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
         return total
+
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        opt = self.optimizers()
+        self.log("train/grad_norm", grad_norm)
+        self.log("train/lr", opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _graph_for(self, batch: Any) -> GraphedJointStep | None:
+        """The captured step for this batch's shapes (captured at the first batch), or None."""
+        if self._graph is None:
+            self._check_graphs_possible()
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            self._graph = GraphedJointStep(
+                self.model,
+                batch,
+                self.granularities,
+                self.loss_weights,
+                lambda model, b, width: self.loss(b, width),
+                max_grad_norm=self.gradient_clip_val,
+                autocast_dtype=dtype,
+                direct_weight_grads=self._use_direct_weight_grads(self.trainer.strategy.model),
+            )
+        if self._graph.matches(batch):
+            return self._graph
+        if not self._eager_warned:
+            rank_zero_warn(
+                "cuda_graphs: a batch of another shape than the captured one runs the eager step "
+                "(drop_last in the data loader avoids a short last batch)"
+            )
+            self._eager_warned = True
+        for p in self.parameters():  # the eager step accumulates into fresh gradients
+            p.grad = None
+        return None
+
+    def _check_graphs_possible(self) -> None:
+        problems = []
+        if self.device.type != "cuda":
+            problems.append(f"the model is on {self.device.type}, not a CUDA GPU")
+        if is_distributed(self.trainer.strategy.model):
+            problems.append("training is distributed (DDP/FSDP)")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            problems.append("fp16 loss scaling is on (use precision bf16-mixed)")
+        if problems:
+            raise ValueError("cuda_graphs=True cannot be used: " + "; ".join(problems))
+
+    def _graphed_training_step(self, step: GraphedJointStep, batch: Any) -> torch.Tensor:
+        losses, norm = step(batch)  # static buffers, overwritten by the next replay
+        total = self._log_losses(losses.clone(), batch)
+        # The optimizer runs outside the graph on the gradients the replay left in .grad (no
+        # zero_grad: the next replay writes them afresh).
+        self._optimizer_step(norm.clone())
+        return total
+
+    def _use_direct_weight_grads(self, wrapped: nn.Module) -> bool:
+        distributed = is_distributed(wrapped)
+        if self.direct_weight_grads and distributed:
+            raise ValueError(
+                "direct_weight_grads=True cannot be used with DDP/FSDP (it bypasses their gradient "
+                "reduction hooks); leave it None (auto) or set it to false"
+            )
+        return not distributed if self.direct_weight_grads is None else self.direct_weight_grads
 
     def _last_batch(self, batch_idx: int) -> bool:
         n = self.trainer.num_training_batches

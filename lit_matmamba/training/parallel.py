@@ -4,6 +4,9 @@ MatMamba's training step runs one forward and backward per granularity on the sa
 takes one optimizer step. Without care, DDP and FSDP all-reduce (or reduce-scatter) gradients
 after *every* backward, i.e. once per granularity. `gradient_sync(module, enabled)` turns that off
 for all but the last backward of an optimizer step.
+
+`direct_weight_grads` (lit_matmamba.models.nested_linear) writes weight gradients past autograd's
+parameter hooks, which DDP and FSDP reduce through; `is_distributed` says when it must stay off.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def is_distributed(module: nn.Module) -> bool:
+    """Whether gradients of `module` (the strategy's model, maybe a wrapper) are reduced across
+    processes: a DDP/FSDP wrapper, or an initialised process group of more than one rank."""
+    wrapped = hasattr(module, "no_sync") or hasattr(module, "set_requires_gradient_sync")
+    multi = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return wrapped or (multi and torch.distributed.get_world_size() > 1)
 
 
 def clip_grad_norm(

@@ -1,0 +1,105 @@
+"""`nested_linear` and `direct_weight_grads`: the width-proportional weight gradient equals autograd's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_matmamba import MatMambaConfig, MatMambaLM
+from lit_matmamba.models import direct_weight_grads, nested_linear
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize(
+    "rows, cols", [(slice(None), None), (slice(0, 5), None), (slice(3, 9), None), (slice(None), 4)]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_direct_grads_equal_autograd_on_a_block(rows, cols, bias):
+    torch.manual_seed(0)
+    w, b = torch.randn(11, 7, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    x = torch.randn(3, 2, 7 if cols is None else cols, dtype=torch.float64)
+    dy_shape = F.linear(x, w[rows, :cols]).shape
+    dy = torch.randn(dy_shape, dtype=torch.float64)
+
+    def run(direct: bool, pre_grad: bool):
+        w_, b_, x_ = leaf(w), leaf(b) if bias else None, leaf(x)
+        if pre_grad:  # an existing gradient (another width, an earlier micro-batch) is added to
+            w_.grad = torch.ones_like(w_)
+            if bias:
+                b_.grad = torch.ones_like(b_)
+        with direct_weight_grads(direct):
+            y = nested_linear(x_, w_, b_, rows=rows, cols=cols)
+        y.backward(dy)
+        return y, x_.grad, w_.grad, None if b_ is None else b_.grad
+
+    for pre_grad in (False, True):
+        expected, got = run(False, pre_grad), run(True, pre_grad)
+        for name, e, g in zip(("y", "dx", "dweight", "dbias"), expected, got):
+            if e is None:
+                assert g is None
+                continue
+            torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
+    # The gradient lands in the block only.
+    _, _, dw, _ = run(True, False)
+    outside = torch.ones_like(dw, dtype=torch.bool)
+    outside[rows, :cols] = False
+    assert (dw[outside] == 0).all() and dw[~outside].abs().max() > 0
+
+
+def test_direct_grads_off_by_default_and_without_grad_mode():
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(2, 3)
+    y = nested_linear(x, w, None, rows=slice(0, 2))
+    assert y.grad_fn.name() != "_DirectGradLinearBackward"  # plain autograd unless asked
+    with direct_weight_grads():
+        assert nested_linear(x, w, None, rows=slice(0, 2)).grad_fn.name() == "_DirectGradLinearBackward"
+        with torch.no_grad():
+            assert nested_linear(x, w, None, rows=slice(0, 2)).grad_fn is None
+
+
+def joint_grads(model: MatMambaLM, ids: torch.Tensor, widths: list, direct: bool, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for width in widths:
+        with direct_weight_grads(direct), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(ids, width)
+        (loss / len(widths)).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["no-bias", "bias"])
+def test_joint_step_gradients_equal_with_direct_grads(proj_bias):
+    """Every granularity and a Mix'n'Match setting backpropagated in turn into the same `.grad`,
+    as the training step does: identical gradients for every parameter (fp32)."""
+    torch.manual_seed(0)
+    cfg = MatMambaConfig(
+        d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8, proj_bias=proj_bias
+    )
+    model = MatMambaLM(cfg)
+    ids = torch.randint(0, 61, (2, 17))
+    widths = [*cfg.granularities, [16, 32]]
+    losses, expected = joint_grads(model, ids, widths, direct=False, autocast=False)
+    losses_d, got = joint_grads(model, ids, widths, direct=True, autocast=False)
+    torch.testing.assert_close(losses_d, losses)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_joint_step_gradients_close_under_bf16_autocast():
+    """Under autocast both paths multiply in bf16; only rounding order may differ."""
+    torch.manual_seed(0)
+    model = MatMambaLM("lm-tiny")
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    widths = list(model.config.granularities)
+    losses, expected = joint_grads(model, ids, widths, direct=False, autocast=True)
+    losses_d, got = joint_grads(model, ids, widths, direct=True, autocast=True)
+    torch.testing.assert_close(losses_d, losses, rtol=1e-2, atol=1e-2)
+    for name in expected:
+        e, g = expected[name], got[name]
+        assert ((g - e).norm() / e.norm().clamp_min(1e-12)).item() < 2e-2, name
