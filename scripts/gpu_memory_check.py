@@ -1,0 +1,100 @@
+"""Peak GPU memory of the joint training step against the largest single width's step plus the
+optimizer state (issue 5's memory target), each measured from the same clean start.
+
+    python scripts/gpu_memory_check.py --preset lm-1.4b --batch 8 --out $OUT/memory-1.4b.json
+
+Why a script of its own: cuBLAS keeps a workspace per stream it has run on, allocated through
+PyTorch's caching allocator and never freed, so in a long benchmark that captured CUDA graphs (on
+side streams) before, every later peak includes workspaces of earlier streams. Here the workspaces
+are cleared before each measurement, and nothing else runs in the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba.models import direct_weight_grads  # noqa: E402
+
+GIB = 2**30
+
+
+def peak(fn) -> tuple[float, float]:
+    """(peak allocated GiB during fn, allocated GiB before it), from cleared cuBLAS workspaces."""
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GIB, before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="lm-1.4b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "memory.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MatMambaLM(args.preset)
+    grans = list(model.config.granularities)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
+
+    def loss_at(width, direct):
+        with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(direct):
+            logits = model(ids[:, :-1], width=width)
+            return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    def single(width):
+        loss_at(width, False).backward()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def joint(direct):
+        for w in grans:
+            (loss_at(w, direct) / len(grans)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = dict(preset=args.preset, batch=args.batch, seq=args.seq, device=torch.cuda.get_device_name())
+    for w in grans:  # warm-up (autotuning), then the measurement, from no gradients
+        single(w)
+        model.zero_grad(set_to_none=True)
+    singles = {}
+    for w in grans:
+        singles[w], _ = peak(lambda w=w: single(w))
+        model.zero_grad(set_to_none=True)
+    out["single_peak_gib"] = singles
+    joint(True)  # creates the optimizer state
+    state_gib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) / GIB
+    out["optimizer_state_gib"] = state_gib
+    for name, direct in (("joint_direct", True), ("joint_autograd", False)):
+        out[name + "_peak_gib"], out["allocated_before_gib"] = peak(lambda d=direct: joint(d))
+    largest = max(singles.values())
+    out["target_gib"] = largest + state_gib
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    print(
+        f"joint peak {out['joint_direct_peak_gib']:.3f} GiB (direct grads), {out['joint_autograd_peak_gib']:.3f} GiB "
+        f"(autograd) vs largest single width {largest:.3f} + optimizer state {state_gib:.3f} = {out['target_gib']:.3f} GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
