@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "memory.json"))
     args = ap.parse_args()
+    t0 = time.time()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = MatMambaLM(args.preset)
@@ -71,20 +73,27 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def say(msg: str) -> None:  # progress, so that a stopped run shows where it was
+        print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
+
     out = dict(preset=args.preset, batch=args.batch, seq=args.seq, device=torch.cuda.get_device_name())
     for w in grans:  # warm-up (autotuning), then the measurement, from no gradients
         single(w)
         model.zero_grad(set_to_none=True)
+        say(f"warm-up width {w} done")
     singles = {}
     for w in grans:
         singles[w], _ = peak(lambda w=w: single(w))
         model.zero_grad(set_to_none=True)
+        say(f"width {w}: peak {singles[w]:.3f} GiB")
     out["single_peak_gib"] = singles
     joint(True)  # creates the optimizer state
+    say("optimizer state created")
     state_gib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) / GIB
     out["optimizer_state_gib"] = state_gib
     for name, direct in (("joint_direct", True), ("joint_autograd", False)):
         out[name + "_peak_gib"], out["allocated_before_gib"] = peak(lambda d=direct: joint(d))
+        say(f"{name}: peak {out[name + '_peak_gib']:.3f} GiB")
     largest = max(singles.values())
     out["target_gib"] = largest + state_gib
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
