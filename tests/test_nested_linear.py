@@ -103,3 +103,26 @@ def test_joint_step_gradients_close_under_bf16_autocast():
     for name in expected:
         e, g = expected[name], got[name]
         assert ((g - e).norm() / e.norm().clamp_min(1e-12)).item() < 2e-2, name
+
+
+@pytest.mark.parametrize("used", ["both", "head", "last"])
+def test_split_last_gradient_equals_autograd(used):
+    """The (z, dt) split's one-buffer backward equals autograd's backward of the two views,
+    also when only one of them gets a gradient."""
+    from lit_matmamba.models.mixer import split_last
+
+    t = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    d_head, d_last = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def run(split):
+        x = leaf(t)
+        head, last = split(x)
+        assert torch.equal(head, t[..., :5]) and torch.equal(last, t[..., 5])
+        outs = {"both": [(head, d_head), (last, d_last)], "head": [(head, d_head)], "last": [(last, d_last)]}[
+            used
+        ]
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+        return x.grad
+
+    expected = run(lambda x: (x[..., :5], x[..., 5]))
+    torch.testing.assert_close(run(lambda x: split_last(x, 5)), expected, rtol=0, atol=0)

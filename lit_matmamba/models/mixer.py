@@ -147,7 +147,8 @@ class MatMambaMixer(nn.Module):
         w, b = self.in_proj.weight, self.in_proj.bias
         xbc = nested_linear(u, w, b, rows=v["xbc_rows"])
         zdt = nested_linear(u, w, b, rows=v["zdt_rows"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
-        return xbc, zdt[..., :P], zdt[..., P]
+        z, dt = split_last(zdt, P)
+        return xbc, z, dt
 
     def _split_xbc(self, xbc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv output (B, L, 2GN + kP) -> x (B, L, k, P), B and C (B, L, G, N)."""
@@ -233,6 +234,32 @@ class MatMambaMixer(nn.Module):
         self.out_proj.weight.copy_(other.out_proj.weight[:, : k * P])
         if self.out_proj.bias is not None:
             self.out_proj.bias.copy_(other.out_proj.bias)
+
+
+def split_last(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t[..., :n], t[..., n]) for t (..., n+1): views, whose backward writes both gradients into
+    one new buffer. Autograd's own backward of the two views zero-fills a full-size gradient for
+    each and adds them: three extra passes over the in_proj output per layer and width."""
+    return _SplitLast.apply(t, n)
+
+
+class _SplitLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, n):
+        ctx.shape, ctx.n = t.shape, n
+        return t[..., :n], t[..., n]
+
+    @staticmethod
+    def backward(ctx, d_head, d_last):
+        like = d_head if d_head is not None else d_last
+        grad = like.new_empty(ctx.shape)  # (..., n+1)
+        n = ctx.n
+        for part, g in ((grad[..., :n], d_head), (grad[..., n], d_last)):
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g)
+        return grad, None
 
 
 # Layout conversion to and from mamba-ssm ---------------------------------------------------------
