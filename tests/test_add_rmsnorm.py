@@ -1,33 +1,20 @@
 """The fused residual add + RMSNorm: the Triton kernel against the reference, and the stack built on it.
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set below before any
-kernel module imports triton), so shapes stay tiny; the `gpu`-marked tests add realistic sizes. The
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py),
+so shapes stay tiny; the `gpu`-marked tests add realistic sizes. The
 oracle is the reference run in float64 on the same (rounded) inputs. Kernel outputs are allocated
 NaN-filled (LIT_MATMAMBA_POISON=1), so an element the kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
+import pytest
 import torch
+from kernel_testing import DEVICE, DTYPE_NAMES, assert_close, leaf, needs_cuda, requires_triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from lit_matmamba import MatMambaConfig, MatMambaLM
+from lit_matmamba.kernels import add_rmsnorm
 
-import pytest  # noqa: E402
-
-from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
-from lit_matmamba.kernels import add_rmsnorm  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)"
-)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 F32, BF16 = torch.float32, torch.bfloat16
 
 
@@ -35,20 +22,6 @@ F32, BF16 = torch.float32, torch.bfloat16
 def _poison_outputs_and_seed(monkeypatch):
     monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
     torch.manual_seed(0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """Elementwise, with an absolute tolerance relative to the tensor's scale."""
-    assert actual.shape == expected.shape, name
-    rtol = RTOL[dtype]
-    atol = rtol * max(expected.abs().max().item(), 1.0)
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
-    )
-
-
-def leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_()
 
 
 # ---------------------------------------------------------------------------------------------------

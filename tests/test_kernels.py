@@ -1,7 +1,7 @@
 """The Triton kernels against the PyTorch references: outputs and gradients.
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before any
-kernel module imports triton), so shapes stay tiny; with CUDA the same tests run on the GPU, and the
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py),
+so shapes stay tiny; with CUDA the same tests run on the GPU, and the
 `gpu`-marked ones add realistic sizes and mamba-ssm's SSD scan. The oracle is the reference run in
 float64 on the same (rounded) inputs, so bf16 results may differ from it by their output rounding.
 Outputs of the kernels are allocated NaN-filled (LIT_MATMAMBA_POISON=1), so an element a kernel
@@ -11,26 +11,23 @@ forgets to write fails the comparison.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 import sys
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from lit_matmamba.kernels import causal_conv1d, gated_rmsnorm, ssd_scan  # noqa: E402
-from lit_matmamba.kernels import mamba_ssm_compat as compat  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)"
+from kernel_testing import (
+    DEVICE,
+    DTYPE_NAMES,
+    as_float64,
+    assert_close,
+    leaf,
+    needs_cuda,
+    rel_err,
+    requires_triton,
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+from lit_matmamba.kernels import causal_conv1d, gated_rmsnorm, ssd_scan
+from lit_matmamba.kernels import mamba_ssm_compat as compat
 
 
 @pytest.fixture(autouse=True)
@@ -38,33 +35,8 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """Elementwise, with an absolute tolerance relative to the tensor's scale."""
-    assert actual.shape == expected.shape, name
-    rtol = RTOL[dtype]
-    atol = rtol * max(expected.abs().max().item(), 1.0)
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
-    )
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
-
-
-def leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_()
-
-
-def as_float64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [leaf(t.double()) for t in tensors]
-
-
 # ---------------------------------------------------------------------------------------------------
 # causal conv1d
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def conv_case(bsz, seqlen, channels, k, bias=True, init=True, act=True, dtype=torch.float32, fp32_weights=False,
