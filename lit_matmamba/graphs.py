@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from lit_matmamba.models.nested_linear import direct_weight_grads as direct_grads
 
@@ -94,7 +95,11 @@ class GraphedJointStep:
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         direct_weight_grads: bool = True,
     ) -> None:
-        self.static_batch = _clone(example)
+        if not all(isinstance(t, torch.Tensor) for t in tree_leaves(example)):
+            raise TypeError(
+                "a batch for CUDA graphs holds tensors in tuples, lists and dicts, and nothing else"
+            )
+        self.static_batch = tree_map(torch.clone, example)
         self.params = [p for p in model.parameters() if p.requires_grad]
         limit = max_grad_norm if max_grad_norm else math.inf
 
@@ -131,7 +136,7 @@ class GraphedJointStep:
         (len(widths),) and the gradient norm before clipping (static buffers: clone to keep)."""
         if not self.matches(batch):
             raise ValueError("the batch's structure, shapes or dtypes differ from the captured example's")
-        for static, new in zip(_leaves(self.static_batch), _leaves(batch)):
+        for static, new in zip(tree_leaves(self.static_batch), tree_leaves(batch)):
             static.copy_(new)
         self.graph.replay()
         # Re-attach the graph's gradient buffers, which a zero_grad(set_to_none=True) may have dropped.
@@ -150,37 +155,7 @@ def _autocast(dtype: torch.dtype | None) -> torch.autocast:
     )
 
 
-def _leaves(batch: Batch) -> list[torch.Tensor]:
-    """The tensors of a tensor / tuple / list / dict batch, in a fixed order."""
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        return [t for k in sorted(batch) for t in _leaves(batch[k])]
-    if isinstance(batch, list | tuple):
-        return [t for v in batch for t in _leaves(v)]
-    raise TypeError(
-        f"a batch for CUDA graphs holds tensors in tuples, lists and dicts, not {type(batch).__name__}"
-    )
-
-
-def _spec(batch: Batch) -> object:
+def _spec(batch: Batch) -> tuple:
     """What must not change between the captured batch and a replayed one: structure, shapes, dtypes."""
-    if isinstance(batch, torch.Tensor):
-        return (tuple(batch.shape), batch.dtype)
-    if isinstance(batch, dict):
-        return {k: _spec(v) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return [_spec(v) for v in batch]
-    return type(batch)
-
-
-def _clone(batch: Batch) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.clone()
-    if isinstance(batch, dict):
-        return {k: _clone(v) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_clone(v) for v in batch)
-    raise TypeError(
-        f"a batch for CUDA graphs holds tensors in tuples, lists and dicts, not {type(batch).__name__}"
-    )
+    leaves, tree = tree_flatten(batch)
+    return tree, [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t) for t in leaves]

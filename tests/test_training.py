@@ -137,6 +137,17 @@ def test_cuda_graphs_without_a_gpu_is_a_clear_error(tmp_path):
         trainer(tmp_path, max_steps=1).fit(module, TokenData())
 
 
+def test_cuda_graph_replays_only_batches_of_the_captured_structure_shapes_and_dtypes():
+    from lit_matmamba.graphs import _spec
+
+    captured = _spec((torch.zeros(4, 17), {"y": torch.zeros(4, dtype=torch.long)}))
+    assert _spec((torch.ones(4, 17), {"y": torch.ones(4, dtype=torch.long)})) == captured
+    assert _spec((torch.ones(2, 17), {"y": torch.ones(2, dtype=torch.long)})) != captured  # short batch
+    assert _spec((torch.ones(4, 17), {"y": torch.ones(4)})) != captured  # dtype
+    assert _spec([torch.ones(4, 17), {"y": torch.ones(4, dtype=torch.long)}]) != captured  # structure
+    assert _spec((torch.ones(4, 17), {"z": torch.ones(4, dtype=torch.long)})) != captured  # key
+
+
 def test_direct_weight_grads_refused_under_ddp():
     class WrappedLikeDDP(torch.nn.Module):
         def no_sync(self): ...
