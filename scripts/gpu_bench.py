@@ -242,22 +242,21 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     joint_eager(True)  # create the optimizer state before measuring memory
-    for name, direct in (("eager_autograd", False), ("eager_direct", True)):
-        ms = bench(lambda d=direct: joint_eager(d), reps=args.reps)
-        mem = peak_mem(lambda d=direct: joint_eager(d))
-        results["joint"][name] = dict(
+
+    def record_joint(name: str, ms: float, mem: float, note: str = "", **extra) -> None:
+        row = dict(
             ms=ms, tokens_per_s=tokens / (ms / 1e3), mfu=mfu(ms, joint_flops / tokens)[0], peak_gib=mem
         )
-        print(
-            f"joint {name:15s} {ms:8.1f} ms  MFU {mfu(ms, joint_flops / tokens)[0]:.1%}  peak {mem:.1f} GiB",
-            flush=True,
-        )
+        results["joint"][name] = {**row, **extra}
+        print(f"joint {name:15s} {ms:8.1f} ms  MFU {row['mfu']:.1%}  peak {mem:.1f} GiB{note}", flush=True)
+
+    for name, direct in (("eager_autograd", False), ("eager_direct", True)):
+        ms = bench(lambda d=direct: joint_eager(d), reps=args.reps)
+        record_joint(name, ms, peak_mem(lambda d=direct: joint_eager(d)))
     torch.cuda.empty_cache()
     if not args.skip_graphs:
         try:
-            step = GraphedJointStep(
-                model, ids, grans, weights, lambda m, x, w: lm_loss(m, x, w), max_grad_norm=1.0
-            )
+            step = GraphedJointStep(model, ids, grans, weights, lm_loss, max_grad_norm=1.0)
 
             def joint_graph():
                 step(ids)
@@ -269,18 +268,8 @@ def main() -> None:
             mem = peak_mem(joint_graph)
             torch.cuda.empty_cache()
             reserved = torch.cuda.memory_reserved() / 2**30
-            results["joint"]["graph"] = dict(
-                ms=ms,
-                tokens_per_s=tokens / (ms / 1e3),
-                mfu=mfu(ms, joint_flops / tokens)[0],
-                peak_gib=mem,
-                reserved_gib=reserved,
-            )
-            print(
-                f"joint {'graph':15s} {ms:8.1f} ms  MFU {mfu(ms, joint_flops / tokens)[0]:.1%}  "
-                f"peak allocated {mem:.1f} GiB, reserved with the graph's pool {reserved:.1f} GiB",
-                flush=True,
-            )
+            note = f" allocated; reserved with the graph's pool {reserved:.1f} GiB"
+            record_joint("graph", ms, mem, note, reserved_gib=reserved)
             del step
         except Exception as err:  # noqa: BLE001
             results["joint"]["graph_error"] = repr(err)[:500]

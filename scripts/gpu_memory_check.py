@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,8 +57,7 @@ def main() -> None:
 
     def loss_at(width, direct):
         with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(direct):
-            logits = model(ids[:, :-1], width=width)
-            return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            return model.loss(ids, width)
 
     def single(width):
         loss_at(width, False).backward()
