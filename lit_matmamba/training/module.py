@@ -106,14 +106,14 @@ class NestedModule(L.LightningModule):
                 raise ValueError(f"mixnmatch[{i}]: {err}") from None
         if accumulate_grad_batches < 1:
             raise ValueError("accumulate_grad_batches must be >= 1")
+        if cuda_graphs and accumulate_grad_batches != 1:
+            raise ValueError("cuda_graphs needs accumulate_grad_batches=1 (one graph is one optimizer step)")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.check_finite = check_finite
         self.direct_weight_grads = direct_weight_grads
-        if cuda_graphs and accumulate_grad_batches != 1:
-            raise ValueError("cuda_graphs needs accumulate_grad_batches=1 (one graph is one optimizer step)")
         self.cuda_graphs = cuda_graphs
         self._graph: GraphedJointStep | None = None
         self._eager_warned = False
