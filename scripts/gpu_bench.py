@@ -96,7 +96,11 @@ def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int
 
 
 def lm_loss(model, ids, width=None):
-    logits = model(ids[:, :-1]).logits if width is None else model(ids[:, :-1], width=width)
+    """The nested model's own loss (`MatMambaLM.loss`: the Triton cross-entropy); the stock model
+    (width None) gets torch's, as a mamba-ssm training script would."""
+    if width is not None:
+        return model.loss(ids, width)
+    logits = model(ids[:, :-1]).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """GPU check of the Triton kernels: correctness against the references and timings.
 
-For each op (causal conv1d, gated RMSNorm, SSD scan via mamba-ssm) in fp32 and bf16 at realistic
-sizes: relative errors of outputs and gradients against the PyTorch reference run in float64 on the
-same inputs, then the median time (triton.testing.do_bench) of forward and forward+backward of the
-Triton op, of the reference in the op's dtype, of cuDNN's depthwise conv1d (conv) and of mamba-ssm's
-rmsnorm_fn (norm, when mamba-ssm is installed). Prints tables, writes JSON, exits 1 if a check fails.
+For each op (causal conv1d, gated RMSNorm, residual add + RMSNorm, SSD scan via mamba-ssm, the LM
+loss's cross-entropy) in fp32 and bf16 at realistic sizes: relative errors of outputs and gradients
+against the PyTorch reference run in float64 on the same inputs, then the median time
+(triton.testing.do_bench) of forward and forward+backward of the Triton op, of the reference in the
+op's dtype, of cuDNN's depthwise conv1d (conv), of mamba-ssm's rmsnorm_fn (norm, when mamba-ssm is
+installed) and of torch's `F.cross_entropy(logits.float(), target)` (ce). Prints tables, writes
+JSON, exits 1 if a check fails.
 
 Needs torch, triton and (for the SSD section) mamba-ssm; the project itself need not be installed,
 the kernels are loaded from this checkout:
@@ -60,6 +62,8 @@ TOL = {
     ("addnorm", "bf16"): 1e-2,
     ("ssd", "fp32"): 1e-2,
     ("ssd", "bf16"): 5e-2,
+    ("ce", "fp32"): 1e-5,
+    ("ce", "bf16"): 1e-2,
 }
 
 
@@ -348,6 +352,56 @@ def ssd_section(check_shape, time_shape, correctness, timing) -> None:
         )
 
 
+def ce_section(check_shape, time_shape, correctness, timing) -> None:
+    """Mean cross-entropy of (rows, vocab) logits as the LM loss takes it (bf16 under autocast),
+    against torch's on a float32 copy of the logits, the LM loss before the kernel. The check has
+    rows with ignore_index and a vocabulary that is not a multiple of 16 (unaligned rows); the
+    gradient of the loss is random (grad_output != 1)."""
+
+    def make(rows, vocab, dtype, ignored):
+        logits = (3 * torch.randn(rows, vocab, device="cuda")).to(dtype)
+        target = torch.randint(0, vocab, (rows,), device="cuda")
+        if ignored:
+            target[::ignored] = -100
+        return logits, target
+
+    def op(backend, target):
+        def fn(logits):
+            return (kernels.cross_entropy(logits, target, backend=backend),)
+
+        return fn
+
+    def torch_fp32(target):
+        def fn(logits):
+            return (F.cross_entropy(logits.float(), target),)
+
+        return fn
+
+    for dtype_name, dtype in DTYPES.items():
+        rows, vocab = check_shape
+        logits, target = make(rows, vocab, dtype, ignored=7)
+        compare(
+            "ce",
+            dtype_name,
+            [rows, vocab, "ignore 1/7"],
+            ["loss", "dlogits"],
+            op("triton", target),
+            op("reference", target),
+            [logits],
+            correctness,
+        )
+        del logits
+        rows, vocab = time_shape
+        logits, target = make(rows, vocab, dtype, ignored=0)
+        size = logits.numel() * logits.element_size()
+        impls = {"triton": op("triton", target), "torch fp32 copy": torch_fp32(target)}
+        # fwd reads the logits; bwd reads them again and writes the gradient
+        time_impls(
+            "ce", dtype_name, [rows, vocab], impls, [logits], {"fwd": size, "fwd+bwd": 3 * size}, timing
+        )
+        del logits
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -355,7 +409,9 @@ def main() -> int:
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     parser.add_argument("--out", default=default_out, help="JSON output path (default: $OUT/kernels.json)")
     parser.add_argument(
-        "--ops", default="conv,norm,addnorm,ssd", help="comma-separated subset of conv,norm,addnorm,ssd"
+        "--ops",
+        default="conv,norm,addnorm,ssd,ce",
+        help="comma-separated subset of conv,norm,addnorm,ssd,ce",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -388,6 +444,8 @@ def main() -> int:
         "addnorm": (addnorm_section, (4096, 2048), (8192, 2048)),
         # ssd: (b, l, h, p, g, n); l not a multiple of the chunk size in the check
         "ssd": (ssd_section, (2, 1000, 32, 64, 1, 128), (4, 4096, 128, 64, 1, 128)),
+        # ce: (rows = B*(L-1), padded vocabulary) of lm-1.4b batch 8; the check's vocabulary unpadded
+        "ce": (ce_section, (4096, 50277), (8192, 50288)),
     }
     for name in args.ops.split(","):
         section, check_shape, time_shape = sections[name]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lit_matmamba.kernels import cross_entropy
 
 from .backbone import InferenceCache, MatMambaStack, NestedModel, Width
 from .config import MatMambaConfig
@@ -70,9 +71,11 @@ class MatMambaLM(NestedModel):
         return self.lm_head(self.forward_features(input_ids, width, cache))
 
     def loss(self, input_ids: torch.Tensor, width: Width = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over (B, L-1) predictions."""
+        """Mean next-token cross-entropy over (B, L-1) predictions, a 0-d float32 tensor (float64
+        for a float64 model). The logits go to the `cross_entropy` op (`config.backend`) in their
+        dtype, bf16 under autocast: its Triton kernel computes in float32 without a float32 copy."""
         logits = self(input_ids[:, :-1], width)  # (B, L-1, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        return cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), backend=self.config.backend)
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """One decoding step at the cache's widths. input_ids: (B,) -> logits (B, V)."""

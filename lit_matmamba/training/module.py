@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedJointStep
+from lit_matmamba.kernels import cross_entropy
 from lit_matmamba.models.config import resolve_widths
 from lit_matmamba.models.nested_linear import direct_weight_grads
 
@@ -328,8 +329,11 @@ class LanguageModeling(NestedModule):
     chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "ppl"), ("val", "bpb"))
 
     def loss(self, batch: torch.Tensor, width: Width) -> torch.Tensor:
+        """`MatMambaLM.loss` for any model taking `width`: the mean next-token cross-entropy, by the
+        `cross_entropy` op of the model config's backend (no float32 copy of the logits on the GPU)."""
         logits = self.model(batch[:, :-1], width=width)  # (B, L-1, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        backend = getattr(self.model.config, "backend", "auto")
+        return cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), backend=backend)
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
