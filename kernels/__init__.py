@@ -8,15 +8,18 @@ nor CUDA: kernels are imported only when a backend picks them.
 from .add_rmsnorm import add_rmsnorm
 from .backend import BACKENDS, use_triton
 from .causal_conv1d import causal_conv1d, causal_conv1d_step
+from .cross_entropy import cross_entropy
 from .gated_rmsnorm import gated_rmsnorm
-from .ssd import ssd_scan, ssd_step
+from .ssd import ssd_gated_rmsnorm, ssd_scan, ssd_step
 
 __all__ = [
     "BACKENDS",
     "add_rmsnorm",
     "causal_conv1d",
     "causal_conv1d_step",
+    "cross_entropy",
     "gated_rmsnorm",
+    "ssd_gated_rmsnorm",
     "ssd_scan",
     "ssd_step",
     "use_triton",

@@ -18,9 +18,11 @@ says how to install it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
+import types
 from collections.abc import Callable
 
 _PACKAGE = "mamba_ssm"
@@ -60,3 +62,35 @@ def get_rmsnorm_fn() -> Callable:
 def get_selective_state_update() -> Callable:
     """mamba_ssm.ops.triton.selective_state_update.selective_state_update (one decoding step)."""
     return _import("ops.triton.selective_state_update").selective_state_update
+
+
+_SSD_INTERNALS = {  # our name: (module under mamba_ssm.ops.triton, function)
+    "chunk_cumsum_fwd": ("ssd_chunk_state", "_chunk_cumsum_fwd"),
+    "chunk_cumsum_bwd": ("ssd_chunk_state", "_chunk_cumsum_bwd"),
+    "chunk_state_fwd": ("ssd_chunk_state", "_chunk_state_fwd"),
+    "chunk_state_bwd_db": ("ssd_chunk_state", "_chunk_state_bwd_db"),
+    "state_passing_fwd": ("ssd_state_passing", "_state_passing_fwd"),
+    "state_passing_bwd": ("ssd_state_passing", "_state_passing_bwd"),
+    "bmm_chunk_fwd": ("ssd_bmm", "_bmm_chunk_fwd"),
+    "bmm_chunk_bwd": ("ssd_bmm", "_bmm_chunk_bwd"),
+    "chunk_scan_fwd": ("ssd_chunk_scan", "_chunk_scan_fwd"),
+    "chunk_scan_bwd_dstates": ("ssd_chunk_scan", "_chunk_scan_bwd_dstates"),
+    "chunk_scan_bwd_dC": ("ssd_chunk_scan", "_chunk_scan_bwd_dC"),
+    "chunk_scan_bwd_dcb": ("ssd_chunk_scan", "_chunk_scan_bwd_dcb"),
+    "chunk_scan_bwd_ddAcs_stable": ("ssd_chunk_scan", "_chunk_scan_bwd_ddAcs_stable"),
+    "chunk_scan_chunk_state_bwd_dx": ("ssd_combined", "_chunk_scan_chunk_state_bwd_dx"),
+}
+
+
+@functools.cache
+def get_ssd_internals() -> types.SimpleNamespace:
+    """The private pieces of mamba-ssm's chunked SSD (forward and backward steps), for the fused mixer
+    core (`kernels/ssd/fused.py`). Private API: raises ImportError when one is missing, and the caller
+    then uses the public `mamba_chunk_scan_combined`."""
+    found = {}
+    for name, (module, attr) in _SSD_INTERNALS.items():
+        fn = getattr(_import(f"ops.triton.{module}"), attr, None)
+        if fn is None:
+            raise ImportError(f"mamba_ssm.ops.triton.{module}.{attr} not found (another mamba-ssm version?)")
+        found[name] = fn
+    return types.SimpleNamespace(**found)

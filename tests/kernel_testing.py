@@ -7,7 +7,10 @@ same (rounded) inputs, so bf16 results may differ from it by their output roundi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,3 +44,33 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 def as_float64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [leaf(t.double()) for t in tensors]
+
+
+@pytest.fixture
+def mamba_ssm_kernels(monkeypatch):
+    """mamba-ssm's Triton SSD kernels, ready to run here; skips where mamba-ssm is not installed
+    (scripts/setup.sh installs it, so CI runs these tests).
+
+    On CPU they run under the Triton interpreter, with three test-only shims: mamba-ssm enters
+    `torch.cuda.device(x.device.index)` and asks for the SM count, which fail without a CUDA
+    driver, and its autotuner benchmarks several configs, which needs one. So the device context is
+    a no-op, the SM count a small number, and each autotuned kernel keeps its first config.
+    """
+    from lit_matmamba.kernels import mamba_ssm_compat
+
+    try:
+        internals = mamba_ssm_compat.get_ssd_internals()
+    except ImportError as e:
+        pytest.skip(f"needs mamba-ssm's Triton kernels: {e}")
+    if torch.cuda.is_available():
+        return
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=4)
+    )
+    for module in {fn.__module__ for fn in vars(internals).values()}:
+        for obj in vars(sys.modules[module]).values():
+            if isinstance(obj, Autotuner):
+                monkeypatch.setattr(obj, "configs", obj.configs[:1])

@@ -148,13 +148,15 @@ def test_stack_equals_unfused_blocks(width):
 @pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 def test_lm_triton_backend_matches_reference(width, monkeypatch):
     """The whole model with backend "triton" (add_rmsnorm, conv and gated-norm kernels) against
-    "reference". The SSD scan runs the reference in both: its Triton path is mamba-ssm's, which
-    needs a GPU install (tests/test_gpu_path.py covers it)."""
-    from lit_matmamba.models import mixer
+    "reference". The SSD scan runs the reference in both, outside the fused core: mamba-ssm's
+    kernels are slow under the interpreter (tests/test_ssd_fused.py runs the model with them, and
+    tests/test_gpu_path.py at every width on the GPU)."""
+    from lit_matmamba.kernels import ssd
 
-    ssd_scan = mixer.ssd_scan
+    ssd_scan = ssd.ssd_scan
+    monkeypatch.setattr(ssd, "_fused_available", lambda: False)
     monkeypatch.setattr(
-        mixer, "ssd_scan", lambda *args, **kw: ssd_scan(*args, **{**kw, "backend": "reference"})
+        ssd, "ssd_scan", lambda *args, **kw: ssd_scan(*args, **{**kw, "backend": "reference"})
     )
     fast = MatMambaLM(MatMambaConfig.from_name("lm-tiny", backend="triton")).to(DEVICE)
     ref = MatMambaLM(MatMambaConfig.from_name("lm-tiny", backend="reference")).to(DEVICE)

@@ -3,8 +3,9 @@
 The leading dims of x and z are flattened to rows (M, d) with `reshape`: a view whenever the leading
 strides merge (e.g. z = zxbcdt[..., :d], rows strided by the projection's width, costs no copy), a
 copy otherwise (e.g. a z transposed in its leading dims). The kernels then read any row and column
-stride. (A z of shape (B, L, h, P) cut from (B, L, h, P+1) and flattened to (B, L, h*P) by the
-caller was already copied by that flatten.)
+stride. Inside, z is read as (M, heads, P) with a stride per head, so the fused mixer core
+(`kernels/ssd/fused.py`) passes z = zdt[..., :P] of a (B, L, h, P+1) projection without the copy
+that flattening its heads would make, and gets dz written into the matching view of its gradient.
 
 Forward: one program per (row, group) holds the whole group in registers, statistics in float32;
 the reciprocal RMS is saved (ngroups, M). Backward: a fixed number of programs per group each walk a
@@ -39,7 +40,9 @@ def _norm_fwd_kernel(
     stride_xm,
     stride_xn,
     stride_zm,
+    stride_zh,
     stride_zn,
+    z_head,
     stride_w,
     stride_ym,
     stride_yn,
@@ -54,7 +57,8 @@ def _norm_fwd_kernel(
     ch = group * N + cols  # channels of this group
     x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
     if GATE_IN or GATE_OUT:
-        z = tl.load(z_ptr + row * stride_zm + ch * stride_zn, mask=mask, other=0.0).to(tl.float32)
+        z_off = row * stride_zm + (ch // z_head) * stride_zh + (ch % z_head) * stride_zn
+        z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
         silu_z = z * tl.sigmoid(z)
     if GATE_IN:
         x *= silu_z
@@ -83,13 +87,16 @@ def _norm_bwd_kernel(
     stride_xm,
     stride_xn,
     stride_zm,
+    stride_zh,
     stride_zn,
+    z_head,
     stride_w,
     stride_dym,
     stride_dyn,
     stride_dxm,
     stride_dxn,
     stride_dzm,
+    stride_dzh,
     stride_dzn,
     BLOCK_N: tl.constexpr,
     GATE_IN: tl.constexpr,
@@ -101,6 +108,7 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     ch = group * N + cols
+    head, in_head = ch // z_head, ch % z_head  # z and dz are (M, heads, z_head) views
     w = tl.load(w_ptr + ch * stride_w, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * stride may exceed 2**31
@@ -111,7 +119,8 @@ def _norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + group * M + row)
         u = x  # the normalised input: x * silu(z) when gated before the norm
         if GATE_IN or GATE_OUT:
-            z = tl.load(z_ptr + row * stride_zm + ch * stride_zn, mask=mask, other=0.0).to(tl.float32)
+            z_off = row * stride_zm + head * stride_zh + in_head * stride_zn
+            z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             silu_z = z * sig
             dsilu_z = sig * (1.0 + z * (1.0 - sig))
@@ -130,7 +139,7 @@ def _norm_bwd_kernel(
             du = du * silu_z
         tl.store(dx_ptr + row * stride_dxm + ch * stride_dxn, du, mask=mask)
         if STORE_DZ:
-            tl.store(dz_ptr + row * stride_dzm + ch * stride_dzn, dz, mask=mask)
+            tl.store(dz_ptr + row * stride_dzm + head * stride_dzh + in_head * stride_dzn, dz, mask=mask)
     tl.store(dw_part_ptr + pid * (N * tl.num_programs(1)) + ch, dw, mask=mask)
 
 
@@ -151,16 +160,25 @@ def _backward_programs(rows: int, ngroups: int, device: torch.device) -> int:
     return max(1, min(rows, math.ceil(slots / ngroups)))
 
 
+def _heads(z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """z as (M, heads, P): a (M, d) z is one head of d channels. The kernels read any of the three strides."""
+    if z is None:
+        return x.unsqueeze(1)  # unused by the kernels; any valid pointer
+    return z.unsqueeze(1) if z.dim() == 2 else z
+
+
 def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
+    """x (M, d); z None, (M, d) or (M, heads, P) with heads * P = d (e.g. a strided view of a
+    projection holding z and dt per head). Returns y (M, d) and rstd (G, M)."""
     rows, channels = x.shape
     ngroups = channels // group_size
     block_n, num_warps = _block_and_warps(group_size, x)
     y = _empty((rows, channels), x, x.dtype)  # (M, d)
     rstd = _empty((ngroups, rows), x, torch.float32)  # (G, M)
-    z_ = z if z is not None else x
+    z3 = _heads(z, x)  # (M, h, P)
     _norm_fwd_kernel[(rows, ngroups)](
         x,
-        z_,
+        z3,
         weight,
         y,
         rstd,
@@ -168,7 +186,8 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
         group_size,
         eps,
         *x.stride(),
-        *z_.stride(),
+        *z3.stride(),
+        z3.shape[-1],
         weight.stride(0),
         *y.stride(),
         BLOCK_N=block_n,
@@ -179,42 +198,46 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
     return y, rstd
 
 
-def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz):
+def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz=None):
+    """Gradients of `_norm_fwd`: dx (M, d), dz in z's layout (written into `dz` when given, e.g. a view
+    of a larger gradient buffer; else a new (M, d) or (M, h, P) tensor), dweight."""
     rows, channels = x.shape
     ngroups = channels // group_size
     block_n, num_warps = _block_and_warps(group_size, x)
     dx = _empty((rows, channels), x, x.dtype)  # (M, d)
-    dz = _empty((rows, channels), x, z.dtype) if need_dz else None  # (M, d)
+    if need_dz and dz is None:
+        dz = _empty(z.shape, x, z.dtype)
     n_programs = _backward_programs(rows, ngroups, x.device)
     rows_per_program = math.ceil(rows / n_programs)
     dw_part = _empty((n_programs, channels), x, torch.float32)
-    z_ = z if z is not None else x
-    dz_ = dz if dz is not None else dx
+    z3 = _heads(z, x)  # (M, h, P)
+    dz3 = _heads(dz, x) if need_dz else z3
     _norm_bwd_kernel[(n_programs, ngroups)](
         x,
-        z_,
+        z3,
         weight,
         rstd,
         dy,
         dx,
-        dz_,
+        dz3,
         dw_part,
         rows,
         group_size,
         rows_per_program,
         *x.stride(),
-        *z_.stride(),
+        *z3.stride(),
+        z3.shape[-1],
         weight.stride(0),
         *dy.stride(),
         *dx.stride(),
-        *dz_.stride(),
+        *dz3.stride(),
         BLOCK_N=block_n,
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
         STORE_DZ=need_dz,
         num_warps=num_warps,
     )
-    return dx, dz, dw_part.sum(0).to(weight.dtype)
+    return dx, dz if need_dz else None, dw_part.sum(0).to(weight.dtype)
 
 
 class _GatedRMSNormFn(torch.autograd.Function):

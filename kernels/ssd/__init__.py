@@ -1,4 +1,4 @@
-"""The SSD scan of Mamba2 at any nested width."""
+"""The SSD scan of Mamba2 at any nested width, alone or fused with the gated RMSNorm after it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import warnings
 import torch
 
 from ..backend import use_triton
+from ..gated_rmsnorm import gated_rmsnorm
 from .reference import ssd_ref, ssd_step_ref
 
-__all__ = ["ssd_scan", "ssd_ref", "ssd_step", "ssd_step_ref"]
+__all__ = ["ssd_gated_rmsnorm", "ssd_scan", "ssd_ref", "ssd_step", "ssd_step_ref"]
 
 
 def ssd_scan(
@@ -46,6 +47,77 @@ def _mamba_ssm_installed() -> bool:
         stacklevel=3,
     )
     return False
+
+
+def ssd_gated_rmsnorm(
+    xbc: torch.Tensor,
+    zdt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    ngroups: int,
+    chunk_size: int,
+    eps: float = 1e-5,
+    norm_before_gate: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The mixer between the conv and out_proj, from its inputs' layouts (no initial state):
+
+        xbc (B, L, 2GN + kP) = [B | C | x], zdt (B, L, k, P + 1) = [z | dt] per head,
+        A, D, dt_bias (k,), norm_weight (kP,)
+        -> gated_rmsnorm(ssd_scan(x, dt, A, B, C, D, dt_bias, softplus), z), norm groups of kP / G
+           channels: (B, L, kP)
+
+    On CUDA with mamba-ssm: one autograd node (`fused.py`) whose gradients are written in the
+    inputs' layouts. Otherwise `ssd_scan` then `gated_rmsnorm`, each on `backend`.
+    """
+    if use_triton(backend, xbc) and _fused_available():
+        from .fused import ssd_gated_rmsnorm_triton
+
+        return ssd_gated_rmsnorm_triton(
+            xbc, zdt, A, D, dt_bias, norm_weight, ngroups, chunk_size, eps, norm_before_gate
+        )
+    k, P = zdt.shape[-2], zdt.shape[-1] - 1
+    GN = (xbc.shape[-1] - k * P) // 2
+    Bm, Cm, x = xbc.split([GN, GN, k * P], dim=-1)
+    y, _ = ssd_scan(
+        x.unflatten(-1, (k, P)),
+        zdt[..., P],
+        A,
+        Bm.unflatten(-1, (ngroups, GN // ngroups)),
+        Cm.unflatten(-1, (ngroups, GN // ngroups)),
+        chunk_size,
+        D=D,
+        dt_bias=dt_bias,
+        dt_softplus=True,
+        backend=backend,
+    )  # (B, L, k, P)
+    z = zdt[..., :P].flatten(-2)  # (B, L, kP)
+    return gated_rmsnorm(
+        y.flatten(-2),
+        z,
+        norm_weight,
+        eps,
+        k * P // ngroups,
+        norm_before_gate=norm_before_gate,
+        backend=backend,
+    )
+
+
+@functools.cache
+def _fused_available() -> bool:
+    """mamba-ssm's private SSD steps import (see `mamba_ssm_compat.get_ssd_internals`)."""
+    from ..mamba_ssm_compat import get_ssd_internals
+
+    if not _mamba_ssm_installed():
+        return False
+    try:
+        get_ssd_internals()
+    except ImportError as e:
+        warnings.warn(f"the fused SSD + norm path is off, using the separate ops: {e}", stacklevel=3)
+        return False
+    return True
 
 
 def ssd_step(

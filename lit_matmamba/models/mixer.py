@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lit_matmamba.kernels import causal_conv1d, causal_conv1d_step, gated_rmsnorm, ssd_scan, ssd_step
+from lit_matmamba.kernels import (
+    causal_conv1d,
+    causal_conv1d_step,
+    gated_rmsnorm,
+    ssd_gated_rmsnorm,
+    ssd_scan,
+    ssd_step,
+)
 
 from .config import MatMambaConfig
 from .nested_linear import nested_linear
@@ -141,14 +148,12 @@ class MatMambaMixer(nn.Module):
     # Forward ---------------------------------------------------------------------------------
     # forward() and step() share the three stages around the conv and the scan; shapes below are
     # for a sequence (B, L, ...); a decoding step has no L.
-    def _in_proj(self, u: torch.Tensor, v: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u -> xbc (B, L, 2GN + kP), z (B, L, k, P), dt (B, L, k): two matmuls over row prefixes."""
-        P = self.config.headdim
-        w, b = self.in_proj.weight, self.in_proj.bias
-        xbc = nested_linear(u, w, b, rows=v["xbc_rows"])
-        zdt = nested_linear(u, w, b, rows=v["zdt_rows"]).unflatten(-1, (k, P + 1))  # (B, L, k, P+1)
-        z, dt = split_last(zdt, P)
-        return xbc, z, dt
+    def _in_proj(self, u: torch.Tensor, v: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """u -> xbc (B, L, 2GN + kP), zdt (B, L, k, P+1): two matmuls over row prefixes."""
+        xbc, zdt = nested_linear(
+            u, self.in_proj.weight, self.in_proj.bias, rows=(v["xbc_rows"], v["zdt_rows"])
+        )
+        return xbc, zdt.unflatten(-1, (k, self.config.headdim + 1))
 
     def _split_xbc(self, xbc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv output (B, L, 2GN + kP) -> x (B, L, k, P), B and C (B, L, G, N)."""
@@ -156,10 +161,10 @@ class MatMambaMixer(nn.Module):
         Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
         return x.unflatten(-1, (k, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
 
-    def _out(self, y: torch.Tensor, z: torch.Tensor, v: dict, k: int, backend: str) -> torch.Tensor:
-        """y, z (B, L, k, P) -> gated norm over each group's channels -> out_proj (B, L, d_model)."""
+    def _norm(self, y: torch.Tensor, z: torch.Tensor, v: dict, k: int, backend: str) -> torch.Tensor:
+        """y, z (B, L, k, P) -> gated norm over each group's channels (B, L, kP)."""
         cfg = self.config
-        y = gated_rmsnorm(
+        return gated_rmsnorm(
             y.flatten(-2),
             z.flatten(-2),
             v["norm_w"],
@@ -167,8 +172,7 @@ class MatMambaMixer(nn.Module):
             group_size=k * cfg.headdim // cfg.ngroups,
             norm_before_gate=cfg.norm_before_gate,
             backend=backend,
-        )  # (B, L, kP)
-        return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
+        )
 
     def forward(self, u: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
         """u: (B, L, d_model) -> (B, L, d_model) through the sub-mixer of `width`.
@@ -179,28 +183,44 @@ class MatMambaMixer(nn.Module):
         cfg, backend = self.config, self.config.backend
         k = self.heads_at(width)
         v = self._views(k)
-        xbc, z, dt = self._in_proj(u, v, k)
+        xbc, zdt = self._in_proj(u, v, k)
         conv_init = None if state is None else state.conv
         xbc, conv_final = causal_conv1d(
             xbc, v["conv_w"], v["conv_b"], conv_init, activation=True, backend=backend
         )
-        x, Bm, Cm = self._split_xbc(xbc, k)
-        y, ssm_final = ssd_scan(
-            x,
-            dt,
-            v["A"],
-            Bm,
-            Cm,
-            cfg.chunk_size,
-            D=v["D"],
-            dt_bias=v["dt_bias"],
-            dt_softplus=True,
-            initial_state=None if state is None else state.ssm,
-            backend=backend,
-        )  # (B, L, k, P)
-        if state is not None:
+        if state is None:  # training and plain forwards: the scan and the norm as one op
+            y = ssd_gated_rmsnorm(
+                xbc,
+                zdt,
+                v["A"],
+                v["D"],
+                v["dt_bias"],
+                v["norm_w"],
+                cfg.ngroups,
+                cfg.chunk_size,
+                cfg.norm_eps,
+                cfg.norm_before_gate,
+                backend=backend,
+            )  # (B, L, kP)
+        else:
+            x, Bm, Cm = self._split_xbc(xbc, k)
+            z, dt = split_last(zdt, cfg.headdim)
+            y, ssm_final = ssd_scan(
+                x,
+                dt,
+                v["A"],
+                Bm,
+                Cm,
+                cfg.chunk_size,
+                D=v["D"],
+                dt_bias=v["dt_bias"],
+                dt_softplus=True,
+                initial_state=state.ssm,
+                backend=backend,
+            )  # (B, L, k, P)
             state.conv, state.ssm = conv_final.detach(), ssm_final.detach()
-        return self._out(y, z, v, k, backend)
+            y = self._norm(y, z, v, k, backend)
+        return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
         """One decoding step. u: (B, d_model) -> (B, d_model); updates `state` in place."""
@@ -208,11 +228,13 @@ class MatMambaMixer(nn.Module):
         if state.ssm.shape[1] != k:
             raise ValueError(f"the state holds {state.ssm.shape[1]} heads but width {width} uses {k}")
         v = self._views(k)
-        xbc, z, dt = self._in_proj(u, v, k)
+        xbc, zdt = self._in_proj(u, v, k)
         xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"])
         x, Bm, Cm = self._split_xbc(xbc, k)
+        z, dt = split_last(zdt, self.config.headdim)
         y, state.ssm = ssd_step(x, dt, v["A"], Bm, Cm, state.ssm, D=v["D"], dt_bias=v["dt_bias"])
-        return self._out(y, z, v, k, backend="reference")  # one token: kernels would not pay
+        y = self._norm(y, z, v, k, backend="reference")  # one token: kernels would not pay
+        return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     @torch.no_grad()
     def copy_from(self, other: MatMambaMixer) -> None:

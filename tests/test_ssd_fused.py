@@ -1,0 +1,115 @@
+"""The fused mixer core (`kernels/ssd/fused.py`: mamba-ssm's SSD steps + our gated norm in one
+autograd node) against the composed reference, outputs and every gradient.
+
+Without CUDA it runs under the Triton interpreter (`mamba_ssm_kernels` fixture), at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import (  # noqa: F401  (mamba_ssm_kernels is a fixture)
+    DEVICE,
+    DTYPE_NAMES,
+    as_float64,
+    leaf,
+    mamba_ssm_kernels,
+    rel_err,
+    requires_triton,
+)
+
+from lit_matmamba import MatMambaConfig, MatMambaLM
+from lit_matmamba.kernels import ssd_gated_rmsnorm
+from lit_matmamba.kernels.ssd import fused
+
+pytestmark = [requires_triton, pytest.mark.usefixtures("mamba_ssm_kernels")]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
+
+
+def core_inputs(bsz, seqlen, k, P, G, N, dtype):
+    """(xbc, zdt, A, D, dt_bias, norm_weight) in the ranges of a Mamba2 layer."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE)
+
+    xbc = torch.cat([rand(bsz, seqlen, 2 * G * N, scale=N**-0.5), rand(bsz, seqlen, k * P)], -1)
+    zdt = torch.cat([rand(bsz, seqlen, k, P), rand(bsz, seqlen, k, 1, shift=-2.0)], -1)
+    A = -torch.rand(k, generator=g).to(DEVICE) * 4 - 0.5
+    return [
+        xbc.to(dtype),
+        zdt.to(dtype),
+        A,
+        rand(k),
+        rand(k, scale=0.5),
+        rand(k * P, scale=0.1, shift=1.0),
+    ]
+
+
+NAMES = ["xbc", "zdt", "A", "D", "dt_bias", "norm_weight"]
+# (bsz, seqlen, heads, headdim, ngroups, d_state, chunk): a partial last chunk, one chunk only,
+# two groups, a headdim that is not a power of two.
+SHAPES = [(2, 37, 4, 8, 1, 16, 16), (1, 16, 2, 8, 1, 16, 16), (2, 21, 4, 6, 2, 8, 16)]
+
+
+# Triton's interpreter gets mamba-ssm's bf16 `tl.dot`s wrong (mamba_chunk_scan_combined itself is off
+# by orders of magnitude there), so bf16 runs on the GPU only.
+BF16_ON_GPU = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="the Triton interpreter miscomputes bf16 tl.dot"),
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("norm_before_gate", [False, True], ids=["gate-then-norm", "norm-then-gate"])
+def test_fused_core_matches_reference(dtype, shape, norm_before_gate):
+    bsz, seqlen, k, P, G, N, chunk = shape
+    inputs = [leaf(t) for t in core_inputs(bsz, seqlen, k, P, G, N, dtype)]
+    y = fused.ssd_gated_rmsnorm_triton(*inputs, G, chunk, 1e-5, norm_before_gate)
+    assert y.shape == (bsz, seqlen, k * P) and y.dtype == dtype
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_inputs = as_float64(inputs)
+    y_ref = ssd_gated_rmsnorm(*ref_inputs, G, chunk, 1e-5, norm_before_gate, backend="reference")
+    ref_grads = torch.autograd.grad(y_ref, ref_inputs, dy.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel_err(y, y_ref) < tol
+    for name, t, g, g_ref in zip(NAMES, inputs, grads, ref_grads):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert rel_err(g, g_ref) < tol, f"{name}: {rel_err(g, g_ref)}"
+
+
+def test_fused_core_is_what_the_triton_backend_runs(monkeypatch):
+    """`ssd_gated_rmsnorm(backend="triton")` takes the fused node: its backward is one node whose
+    input gradients come back in the inputs' layouts."""
+    calls = []
+    apply = fused._SSDGatedRMSNormFn.apply
+    monkeypatch.setattr(fused._SSDGatedRMSNormFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    inputs = [leaf(t) for t in core_inputs(1, 16, 2, 8, 1, 16, torch.float32)]
+    y = ssd_gated_rmsnorm(*inputs, 1, 16, backend="triton")
+    assert calls == [1]
+    assert y.grad_fn.name().startswith("_SSDGatedRMSNormFn")
+
+
+def test_model_triton_backend_matches_reference():
+    """lm-tiny with every kernel (conv, fused core, add + norm) against the reference model, logits
+    and every parameter's gradient, for a Mix'n'Match of two widths (one per layer; every width and
+    bf16 run on the GPU in tests/test_gpu_path.py)."""
+    width = [64, 16]
+    fast = MatMambaLM(MatMambaConfig.from_name("lm-tiny", backend="triton")).to(DEVICE)
+    ref = MatMambaLM(MatMambaConfig.from_name("lm-tiny", backend="reference")).to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 4096, (2, 37), device=DEVICE)  # two chunks of 32, the last partial
+    logits = [model(ids, width) for model in (fast, ref)]
+    assert rel_err(logits[0], logits[1]) < 1e-4
+    dlogits = torch.randn_like(logits[1])
+    grads = [
+        torch.autograd.grad(out, list(model.parameters()), dlogits) for out, model in zip(logits, (fast, ref))
+    ]
+    for (name, _), g, g_ref in zip(fast.named_parameters(), *grads):
+        assert rel_err(g, g_ref) < 1e-4, name
