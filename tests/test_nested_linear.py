@@ -50,6 +50,31 @@ def test_direct_grads_equal_autograd_on_a_block(rows, cols, bias):
     assert (dw[outside] == 0).all() and dw[~outside].abs().max() > 0
 
 
+@pytest.mark.parametrize("used", ["both", "first", "second"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_direct_grads_of_several_row_blocks_equal_autograd(used, bias):
+    """Two row blocks from one x (the in_proj of a sub-mixer), one node: dx sums both blocks'
+    gradients; a block whose output is unused contributes nothing."""
+    torch.manual_seed(0)
+    w, b = torch.randn(11, 7, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    x = torch.randn(3, 2, 7, dtype=torch.float64)
+    rows = (slice(0, 3), slice(5, 9))
+
+    def run(direct: bool):
+        w_, b_, x_ = leaf(w), leaf(b) if bias else None, leaf(x)
+        with direct_weight_grads(direct):
+            y1, y2 = nested_linear(x_, w_, b_, rows=rows)
+        loss = {"both": y1.sum() + (y2 * y2).sum(), "first": y1.sum(), "second": (y2 * y2).sum()}[used]
+        loss.backward()
+        return x_.grad, w_.grad, None if b_ is None else b_.grad
+
+    for name, e, g in zip(("dx", "dweight", "dbias"), run(False), run(True)):
+        if e is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_direct_grads_off_by_default_and_without_grad_mode():
     w = torch.randn(4, 3, requires_grad=True)
     x = torch.randn(2, 3)

@@ -43,10 +43,16 @@ def nested_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    rows: slice = slice(None),
+    rows: slice | tuple[slice, ...] = slice(None),
     cols: int | None = None,
-) -> torch.Tensor:
-    """`F.linear(x, weight[rows, :cols], bias[rows])`. x: (..., cols) -> (..., rows)."""
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """`F.linear(x, weight[rows, :cols], bias[rows])`. x: (..., cols) -> (..., rows).
+
+    `rows` may be a tuple of slices: one output per block of rows, all from the same x (the mixer's
+    in_proj has two blocks at every width). With direct weight gradients they are one autograd node,
+    whose backward sums the blocks' input gradients in the GEMMs instead of in a separate add.
+    """
+    blocks = rows if isinstance(rows, tuple) else (rows,)
     direct = (
         _DIRECT.get()
         and torch.is_grad_enabled()
@@ -54,9 +60,11 @@ def nested_linear(
         and weight.is_leaf
         and (bias is None or (bias.requires_grad and bias.is_leaf))
     )
-    if not direct:
-        return F.linear(x, weight[rows, :cols], None if bias is None else bias[rows])
-    return _DirectGradLinear.apply(x, weight, bias, rows, cols)
+    if direct:
+        out = _DirectGradLinear.apply(x, weight, bias, blocks, cols)
+    else:
+        out = tuple(F.linear(x, weight[r, :cols], None if bias is None else bias[r]) for r in blocks)
+    return out if isinstance(rows, tuple) else out[0]
 
 
 def _accumulate(param: torch.Tensor, index: tuple, grad: torch.Tensor) -> None:
@@ -65,32 +73,54 @@ def _accumulate(param: torch.Tensor, index: tuple, grad: torch.Tensor) -> None:
     param.grad[index].add_(grad)
 
 
+def _accumulate_matmul(param: torch.Tensor, index: tuple, a: torch.Tensor, b: torch.Tensor) -> None:
+    """param.grad[index] += a @ b, a (R, T), b (T, C). On CUDA the GEMM adds into the float32 block
+    itself (beta = 1, bf16/fp16 operands accumulated in float32): no (R, C) temporary, no add pass."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    block = param.grad[index]  # (R, C), a view
+    if a.is_cuda and block.dtype == a.dtype:
+        block.addmm_(a, b)
+    elif a.is_cuda and block.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(block, a, b, out_dtype=torch.float32, out=block)
+    else:
+        block.add_(a @ b)
+
+
 class _DirectGradLinear(torch.autograd.Function):
     """Returns no gradient for weight and bias: backward adds them into `.grad[block]` itself."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, cols):
-        w = weight[rows, :cols]  # (R, C) view
-        b = None if bias is None else bias[rows]
+    def forward(ctx, x, weight, bias, blocks, cols):
+        ws = [weight[r, :cols] for r in blocks]  # (R_i, C) views
+        bs = [None if bias is None else bias[r] for r in blocks]
         device = x.device.type
         if torch.is_autocast_enabled(device):  # cast as autocast would, once per call
             dtype = torch.get_autocast_dtype(device)
-            x, w = x.to(dtype), w.to(dtype)
-            b = None if b is None else b.to(dtype)
-        y = F.linear(x, w, b)  # (..., R)
-        ctx.save_for_backward(x, w)
-        ctx.weight, ctx.bias, ctx.index = weight, bias, (rows, slice(None, cols))
-        return y
+            x = x.to(dtype)
+            ws = [w.to(dtype) for w in ws]
+            bs = [None if b is None else b.to(dtype) for b in bs]
+        ys = tuple(F.linear(x, w, b) for w, b in zip(ws, bs))  # (..., R_i)
+        ctx.save_for_backward(x, *ws)
+        ctx.weight, ctx.bias, ctx.blocks, ctx.cols = weight, bias, blocks, cols
+        return ys
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors  # in the compute dtype
-        dy = dy.to(w.dtype)
-        dx = dy @ w if ctx.needs_input_grad[0] else None  # (..., C)
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (T, R)
-        _accumulate(ctx.weight, ctx.index, dy2.t() @ x.reshape(-1, x.shape[-1]))  # (R, C)
-        if ctx.bias is not None:
-            _accumulate(
-                ctx.bias, ctx.index[:1], dy2.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32))
-            )
+    def backward(ctx, *dys):
+        x, *ws = ctx.saved_tensors  # in the compute dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (T, C)
+        dx = None
+        for r, w, dy in zip(ctx.blocks, ws, dys):
+            if dy is None:  # this block's output was not used
+                continue
+            dy2 = dy.to(w.dtype).reshape(-1, dy.shape[-1])  # (T, R)
+            if ctx.needs_input_grad[0]:  # dx = sum of dy_i @ w_i, summed by the GEMMs (beta = 1)
+                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)  # (T, C)
+            _accumulate_matmul(ctx.weight, (r, slice(None, ctx.cols)), dy2.t(), x2)  # (R, C)
+            if ctx.bias is not None:
+                _accumulate(ctx.bias, (r,), dy2.sum(0, dtype=torch.promote_types(dy2.dtype, torch.float32)))
+        if dx is not None:
+            dx = dx.view(x.shape)
+        elif ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x)
         return dx, None, None, None, None
