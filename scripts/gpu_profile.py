@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +26,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--autograd-grads", action="store_true", help="plain autograd weight gradients")
+    ap.add_argument(
+        "--glue",
+        action="store_true",
+        help="also attribute copies, fills, adds and reductions to shapes and call sites",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.txt"))
     args = ap.parse_args()
     with torch.device("cuda"):
@@ -38,8 +42,7 @@ def main() -> None:
     def step():
         for w in grans:
             with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(not args.autograd_grads):
-                logits = model(ids[:, :-1], width=w)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss = model.loss(ids, width=w)
             (loss / len(grans)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -47,7 +50,11 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        record_shapes=args.glue,
+        with_stack=args.glue,
+    ) as prof:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -60,9 +67,40 @@ def main() -> None:
         f"({'autograd' if args.autograd_grads else 'direct'} weight grads): device time {cuda_total:.1f} ms, "
         f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
     )
-    Path(args.out).write_text(summary + "\n\n" + table)
+    text = summary + "\n\n" + table
+    if args.glue:
+        text += glue_tables(prof)
+    Path(args.out).write_text(text)
     print(table)
     print(summary)
+
+
+GLUE = (
+    "aten::copy_",
+    "aten::add_",
+    "aten::fill_",
+    "aten::sum",
+    "aten::zero_",
+    "aten::cat",
+    "aten::mul",
+    "aten::add",
+)
+
+
+def glue_tables(prof) -> str:
+    """Where the glue kernels come from: the glue ops by input shapes, then by Python call site."""
+    out = []
+    for title, events in (
+        ("glue ops by input shapes", prof.key_averages(group_by_input_shape=True)),
+        ("glue ops by call site", prof.key_averages(group_by_stack_n=6)),
+    ):
+        glue = [e for e in events if e.key in GLUE and e.device_time_total > 0]
+        glue.sort(key=lambda e: e.device_time_total, reverse=True)
+        out.append(f"\n\n## {title} (top 25 by CUDA time)\n")
+        for e in glue[:25]:
+            where = e.input_shapes if "shapes" in title else " <- ".join(e.stack[:6])
+            out.append(f"{e.key:14s} {e.device_time_total / 1e3:8.2f} ms  {e.count:5d} calls  {where}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
