@@ -88,18 +88,14 @@ GLUE = (
 
 
 def glue_tables(prof) -> str:
-    """Where the glue kernels come from: the glue ops by input shapes, then by Python call site."""
-    out = []
-    for title, events in (
-        ("glue ops by input shapes", prof.key_averages(group_by_input_shape=True)),
-        ("glue ops by call site", prof.key_averages(group_by_stack_n=6)),
-    ):
-        glue = [e for e in events if e.key in GLUE and e.device_time_total > 0]
-        glue.sort(key=lambda e: e.device_time_total, reverse=True)
-        out.append(f"\n\n## {title} (top 25 by CUDA time)\n")
-        for e in glue[:25]:
-            where = e.input_shapes if "shapes" in title else " <- ".join(e.stack[:6])
-            out.append(f"{e.key:14s} {e.device_time_total / 1e3:8.2f} ms  {e.count:5d} calls  {where}")
+    """Where the glue kernels come from: the glue ops grouped by their input shapes."""
+    glue = [
+        e for e in prof.key_averages(group_by_input_shape=True) if e.key in GLUE and e.device_time_total > 0
+    ]
+    glue.sort(key=lambda e: e.device_time_total, reverse=True)
+    out = ["\n\n## glue ops by input shapes (top 25 by CUDA time)\n"]
+    for e in glue[:25]:
+        out.append(f"{e.key:14s} {e.device_time_total / 1e3:8.2f} ms  {e.count:5d} calls  {e.input_shapes}")
     return "\n".join(out)
 
 
