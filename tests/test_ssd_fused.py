@@ -51,6 +51,13 @@ def core_inputs(bsz, seqlen, k, P, G, N, dtype):
 
 
 NAMES = ["xbc", "zdt", "A", "D", "dt_bias", "norm_weight"]
+# Relative errors (outputs, gradients). On the GPU mamba-ssm's kernels multiply float32 in TF32,
+# hence 1e-3-level errors there (as in test_kernels.py's SSD test); the interpreter multiplies in
+# float32.
+TOL = {
+    torch.float32: (1e-4, 1e-4) if DEVICE.type == "cpu" else (3e-3, 1e-2),
+    torch.bfloat16: (3e-2, 3e-2),
+}
 # (bsz, seqlen, heads, headdim, ngroups, d_state, chunk): a partial last chunk, one chunk only,
 # two groups, a headdim that is not a power of two.
 SHAPES = [(2, 37, 4, 8, 1, 16, 16), (1, 16, 2, 8, 1, 16, 16), (2, 21, 4, 6, 2, 8, 16)]
@@ -77,11 +84,11 @@ def test_fused_core_matches_reference(dtype, shape, norm_before_gate):
     ref_inputs = as_float64(inputs)
     y_ref = ssd_gated_rmsnorm(*ref_inputs, G, chunk, 1e-5, norm_before_gate, backend="reference")
     ref_grads = torch.autograd.grad(y_ref, ref_inputs, dy.double())
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert rel_err(y, y_ref) < tol
+    out_tol, grad_tol = TOL[dtype]
+    assert rel_err(y, y_ref) < out_tol, rel_err(y, y_ref)
     for name, t, g, g_ref in zip(NAMES, inputs, grads, ref_grads):
         assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert rel_err(g, g_ref) < tol, f"{name}: {rel_err(g, g_ref)}"
+        assert rel_err(g, g_ref) < grad_tol, f"{name}: {rel_err(g, g_ref)}"
 
 
 def test_fused_core_is_what_the_triton_backend_runs(monkeypatch):
@@ -106,10 +113,11 @@ def test_model_triton_backend_matches_reference():
     ref.load_state_dict(fast.state_dict())
     ids = torch.randint(0, 4096, (2, 37), device=DEVICE)  # two chunks of 32, the last partial
     logits = [model(ids, width) for model in (fast, ref)]
-    assert rel_err(logits[0], logits[1]) < 1e-4
+    out_tol, grad_tol = TOL[torch.float32]
+    assert rel_err(logits[0], logits[1]) < out_tol, rel_err(logits[0], logits[1])
     dlogits = torch.randn_like(logits[1])
     grads = [
         torch.autograd.grad(out, list(model.parameters()), dlogits) for out, model in zip(logits, (fast, ref))
     ]
     for (name, _), g, g_ref in zip(fast.named_parameters(), *grads):
-        assert rel_err(g, g_ref) < 1e-4, name
+        assert rel_err(g, g_ref) < grad_tol, (name, rel_err(g, g_ref))
