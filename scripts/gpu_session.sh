@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_add_rmsnorm.py tests/test_gpu_path.py} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
+    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_add_rmsnorm.py tests/test_gpu_path.py tests/test_ssd_fused.py tests/test_cross_entropy.py} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
     kernels) timeout "${KERNELS_TIMEOUT:-300}" python3 scripts/gpu_kernel_check.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     bench:*) IFS=: read -r _ preset batch <<< "$step"
       timeout "${BENCH_TIMEOUT:-420}" python3 scripts/gpu_bench.py --preset "$preset" --batch "$batch" --seq 1024 --reps "${REPS:-10}" --out "$OUT/bench-$preset.json" 2>&1 | tee "$OUT/bench-$preset.log" | tail -25 ;;

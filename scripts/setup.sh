@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up lit-matmamba in ./.venv: creates the virtual environment if it is missing and installs
-# the package (editable) with its test and vision extras, and mamba-ssm's Triton kernels. Safe to re-run; it only adds what is
-# missing. PYTHON picks the interpreter (default python3, 3.10 or newer).
+# the package (editable) with its test and vision extras, and mamba-ssm's Triton kernels. Safe to
+# re-run; it only adds what is missing. PYTHON picks the interpreter (default python3, 3.10 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
