@@ -84,11 +84,18 @@ def test_fused_core_matches_reference(dtype, shape, norm_before_gate):
     ref_inputs = as_float64(inputs)
     y_ref = ssd_gated_rmsnorm(*ref_inputs, G, chunk, 1e-5, norm_before_gate, backend="reference")
     ref_grads = torch.autograd.grad(y_ref, ref_inputs, dy.double())
-    out_tol, grad_tol = TOL[dtype]
-    assert rel_err(y, y_ref) < out_tol, rel_err(y, y_ref)
-    for name, t, g, g_ref in zip(NAMES, inputs, grads, ref_grads):
+    for name, t, g in zip(NAMES, inputs, grads):
         assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert rel_err(g, g_ref) < grad_tol, f"{name}: {rel_err(g, g_ref)}"
+    # Every error in one message: on the GPU one case costs a minute of compilation.
+    out_tol, grad_tol = TOL[dtype]
+    errors = {"y": (rel_err(y, y_ref), out_tol)}
+    errors.update(
+        {f"d{name}": (rel_err(g, g_ref), grad_tol) for name, g, g_ref in zip(NAMES, grads, ref_grads)}
+    )
+    too_large = {name: f"{err:.1e} > {tol:.0e}" for name, (err, tol) in errors.items() if not err < tol}
+    assert not too_large, (
+        f"relative errors {too_large}; all: { {n: f'{e:.1e}' for n, (e, _) in errors.items()} }"
+    )
 
 
 def test_fused_core_is_what_the_triton_backend_runs(monkeypatch):
