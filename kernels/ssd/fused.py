@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import empty_output as _empty
 from ..gated_rmsnorm.kernel import _norm_bwd, _norm_fwd
 from ..mamba_ssm_compat import get_ssd_internals
 
@@ -71,8 +72,8 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         bsz, seqlen = zdt.shape[:2]
         rows = bsz * seqlen
         Bm, Cm, x = _split_xbc(xbc, G, N, k, P)
-        dxbc = torch.empty_like(xbc)  # (B, L, 2GN + kP): dB, dC and dx are written into views of it
-        dzdt = torch.empty_like(zdt)  # (B, L, k, P + 1): dz and ddt likewise
+        dxbc = _empty(xbc.shape, xbc, xbc.dtype)  # (B, L, 2GN + kP): dB, dC and dx are written into views
+        dzdt = _empty(zdt.shape, zdt, zdt.dtype)  # (B, L, k, P + 1): dz and ddt likewise
         dBm, dCm, dx = _split_xbc(dxbc, G, N, k, P)
 
         # Gated norm: dy of the scan output, dz straight into dzdt.
