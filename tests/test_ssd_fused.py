@@ -19,7 +19,7 @@ from kernel_testing import (  # noqa: F401  (mamba_ssm_kernels is a fixture)
 )
 
 from lit_matmamba import MatMambaConfig, MatMambaLM
-from lit_matmamba.kernels import ssd_gated_rmsnorm
+from lit_matmamba.kernels import ssd, ssd_gated_rmsnorm
 from lit_matmamba.kernels.ssd import fused
 
 pytestmark = [requires_triton, pytest.mark.usefixtures("mamba_ssm_kernels")]
@@ -74,10 +74,19 @@ BF16_ON_GPU = pytest.param(
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("norm_before_gate", [False, True], ids=["gate-then-norm", "norm-then-gate"])
-def test_fused_core_matches_reference(dtype, shape, norm_before_gate):
+@pytest.mark.parametrize("path", ["fused", "composed"])
+def test_fused_core_matches_reference(dtype, shape, norm_before_gate, path, monkeypatch):
+    """The fused node, and beside it the composed Triton path (mamba-ssm's public
+    `mamba_chunk_scan_combined`, then our gated norm) held to the same tolerances: where only the
+    fused one fails, the fault is ours."""
     bsz, seqlen, k, P, G, N, chunk = shape
     inputs = [leaf(t) for t in core_inputs(bsz, seqlen, k, P, G, N, dtype)]
-    y = fused.ssd_gated_rmsnorm_triton(*inputs, G, chunk, 1e-5, norm_before_gate)
+    if path == "fused":
+        y = fused.ssd_gated_rmsnorm_triton(*inputs, G, chunk, 1e-5, norm_before_gate)
+    else:
+        monkeypatch.setattr(ssd, "_fused_available", lambda: False)
+        y = ssd_gated_rmsnorm(*inputs, G, chunk, 1e-5, norm_before_gate, backend="triton")
+        assert not y.grad_fn.name().startswith("_SSDGatedRMSNormFn")
     assert y.shape == (bsz, seqlen, k * P) and y.dtype == dtype
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs, dy)
