@@ -9,7 +9,9 @@ step of lm-1.4b this, with autocast's casts of the blocks, was about a fifth of 
 
 Inside `direct_weight_grads()`, `nested_linear` instead adds the block's gradient straight into
 `weight.grad[rows, :cols]` during backward (allocating `weight.grad` as zeros the first time, as
-autograd would). The memory traffic then scales with the width. The price: the weight is not an
+autograd would). The memory traffic then scales with the width. On CUDA the GEMM itself adds into
+the float32 block (beta = 1; bf16 products accumulated in float32), so there is no temporary and no
+separate add; elsewhere the product is added. The price: the weight is not an
 autograd input of that multiply, so autograd hooks on the parameter (DDP's and FSDP's gradient
 reduction, post-accumulate-grad hooks) do not see it, and `torch.autograd.grad(loss, weight)` does
 not return it. That is why it is off unless asked for; the training module turns it on for
