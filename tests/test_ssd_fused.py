@@ -137,3 +137,22 @@ def test_model_triton_backend_matches_reference():
     ]
     for (name, _), g, g_ref in zip(fast.named_parameters(), *grads):
         assert rel_err(g, g_ref) < grad_tol, (name, rel_err(g, g_ref))
+
+
+def test_missing_mamba_ssm_internals_fall_back_with_a_warning(monkeypatch):
+    """Another mamba-ssm version without the private SSD steps: one warning, then the composed ops."""
+    from lit_matmamba.kernels import mamba_ssm_compat
+
+    def missing():
+        raise ImportError("mamba_ssm.ops.triton.ssd_chunk_state._chunk_cumsum_fwd not found")
+
+    monkeypatch.setattr(mamba_ssm_compat, "get_ssd_internals", missing)
+    ssd._fused_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused SSD"):
+            assert not ssd._fused_available()
+        inputs = [leaf(t) for t in core_inputs(1, 16, 2, 8, 1, 16, torch.float32)]
+        y = ssd_gated_rmsnorm(*inputs, 1, 16, backend="triton")
+        assert not y.grad_fn.name().startswith("_SSDGatedRMSNormFn")
+    finally:
+        ssd._fused_available.cache_clear()  # the next test sees the real internals again
