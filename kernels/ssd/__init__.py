@@ -10,6 +10,7 @@ import torch
 
 from ..backend import use_triton
 from ..gated_rmsnorm import gated_rmsnorm
+from .layout import split_last, split_xbc
 from .reference import ssd_ref, ssd_step_ref
 
 __all__ = ["ssd_gated_rmsnorm", "ssd_scan", "ssd_ref", "ssd_step", "ssd_step_ref"]
@@ -60,49 +61,53 @@ def ssd_gated_rmsnorm(
     chunk_size: int,
     eps: float = 1e-5,
     norm_before_gate: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
-    """The mixer between the conv and out_proj, from its inputs' layouts (no initial state):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The mixer between the conv and out_proj, from its inputs' layouts (`layout.py`):
 
         xbc (B, L, 2GN + kP) = [B | C | x], zdt (B, L, k, P + 1) = [z | dt] per head,
-        A, D, dt_bias (k,), norm_weight (kP,)
+        A, D, dt_bias (k,), norm_weight (kP,), initial_state (B, k, P, N) or None
         -> gated_rmsnorm(ssd_scan(x, dt, A, B, C, D, dt_bias, softplus), z), norm groups of kP / G
-           channels: (B, L, kP)
+           channels: (B, L, kP); with `return_final_state`, also the final SSD state (B, k, P, N)
 
-    On CUDA with mamba-ssm: one autograd node (`fused.py`) whose gradients are written in the
-    inputs' layouts. Otherwise `ssd_scan` then `gated_rmsnorm`, each on `backend`.
+    On CUDA with mamba-ssm, without an initial or final state (training, plain forwards): one
+    autograd node (`fused.py`) whose gradients are written in the inputs' layouts. Otherwise
+    `ssd_scan` then `gated_rmsnorm`, each on `backend`.
     """
-    if use_triton(backend, xbc) and _fused_available():
+    if initial_state is None and not return_final_state and use_triton(backend, xbc) and _fused_available():
         from .fused import ssd_gated_rmsnorm_triton
 
         return ssd_gated_rmsnorm_triton(
             xbc, zdt, A, D, dt_bias, norm_weight, ngroups, chunk_size, eps, norm_before_gate
         )
     k, P = zdt.shape[-2], zdt.shape[-1] - 1
-    GN = (xbc.shape[-1] - k * P) // 2
-    Bm, Cm, x = xbc.split([GN, GN, k * P], dim=-1)
-    y, _ = ssd_scan(
-        x.unflatten(-1, (k, P)),
-        zdt[..., P],
+    x, Bm, Cm = split_xbc(xbc, ngroups, k, P)
+    z, dt = split_last(zdt, P)
+    y, final_state = ssd_scan(
+        x,
+        dt,
         A,
-        Bm.unflatten(-1, (ngroups, GN // ngroups)),
-        Cm.unflatten(-1, (ngroups, GN // ngroups)),
+        Bm,
+        Cm,
         chunk_size,
         D=D,
         dt_bias=dt_bias,
         dt_softplus=True,
+        initial_state=initial_state,
         backend=backend,
     )  # (B, L, k, P)
-    z = zdt[..., :P].flatten(-2)  # (B, L, kP)
-    return gated_rmsnorm(
+    y = gated_rmsnorm(
         y.flatten(-2),
-        z,
+        z.flatten(-2),
         norm_weight,
         eps,
         k * P // ngroups,
         norm_before_gate=norm_before_gate,
         backend=backend,
-    )
+    )  # (B, L, kP)
+    return (y, final_state) if return_final_state else y
 
 
 @functools.cache

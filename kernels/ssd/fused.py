@@ -27,6 +27,7 @@ import torch
 from ..backend import empty_output as _empty
 from ..gated_rmsnorm.kernel import _norm_bwd, _norm_fwd
 from ..mamba_ssm_compat import get_ssd_internals
+from .layout import split_xbc
 
 
 class _SSDGatedRMSNormFn(torch.autograd.Function):
@@ -35,8 +36,8 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         m = get_ssd_internals()
         bsz, seqlen, k, p1 = zdt.shape
         P, G = p1 - 1, ngroups
-        N = (xbc.shape[-1] - k * P) // (2 * G)
-        Bm, Cm, x = _split_xbc(xbc, G, N, k, P)  # (B, L, G, N) x2, (B, L, k, P): views
+        x, Bm, Cm = split_xbc(xbc, G, k, P)  # (B, L, k, P), (B, L, G, N) x2: views
+        N = Bm.shape[-1]
         dt, z = zdt[..., P], zdt[..., :P]  # (B, L, k), (B, L, k, P): views
         dA_cumsum, dt_proc = m.chunk_cumsum_fwd(
             dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True
@@ -61,20 +62,21 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
             y.view(rows, k * P), z.reshape(rows, k, P), norm_weight, eps, group_size, gate_in, gate_out
         )
         ctx.save_for_backward(xbc, zdt, A, D, dt_bias, norm_weight, dA_cumsum, dt_proc, states, CB, y, rstd)
-        ctx.sizes = (G, N, k, P, chunk_size, eps, group_size, gate_in, gate_out)
+        ctx.sizes = (G, k, P, chunk_size, group_size, gate_in, gate_out)
         return out.view(bsz, seqlen, k * P)
 
     @staticmethod
     def backward(ctx, dout):
         m = get_ssd_internals()
         xbc, zdt, A, D, dt_bias, norm_weight, dA_cumsum, dt_proc, states, CB, y, rstd = ctx.saved_tensors
-        G, N, k, P, chunk_size, eps, group_size, gate_in, gate_out = ctx.sizes
+        G, k, P, chunk_size, group_size, gate_in, gate_out = ctx.sizes
         bsz, seqlen = zdt.shape[:2]
         rows = bsz * seqlen
-        Bm, Cm, x = _split_xbc(xbc, G, N, k, P)
+        x, Bm, Cm = split_xbc(xbc, G, k, P)
+        N = Bm.shape[-1]
         dxbc = _empty(xbc.shape, xbc, xbc.dtype)  # (B, L, 2GN + kP): dB, dC and dx are written into views
         dzdt = _empty(zdt.shape, zdt, zdt.dtype)  # (B, L, k, P + 1): dz and ddt likewise
-        dBm, dCm, dx = _split_xbc(dxbc, G, N, k, P)
+        dx, dBm, dCm = split_xbc(dxbc, G, k, P)
 
         # Gated norm: dy of the scan output, dz straight into dzdt.
         dy, _, dnorm_weight = _norm_bwd(
@@ -117,12 +119,6 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
             ddA, ddt, zdt[..., P], A, dt_bias=dt_bias, dt_softplus=True, ddt=dzdt[..., P]
         )
         return dxbc, dzdt, dA, dD, ddt_bias, dnorm_weight, None, None, None, None
-
-
-def _split_xbc(xbc: torch.Tensor, G: int, N: int, k: int, P: int):
-    """(B, L, 2GN + kP) -> B, C (B, L, G, N) and x (B, L, k, P), views."""
-    Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
-    return Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N)), x.unflatten(-1, (k, P))
 
 
 def ssd_gated_rmsnorm_triton(

@@ -27,14 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lit_matmamba.kernels import (
-    causal_conv1d,
-    causal_conv1d_step,
-    gated_rmsnorm,
-    ssd_gated_rmsnorm,
-    ssd_scan,
-    ssd_step,
-)
+from lit_matmamba.kernels import causal_conv1d, causal_conv1d_step, gated_rmsnorm, ssd_gated_rmsnorm, ssd_step
+from lit_matmamba.kernels.ssd.layout import split_last, split_xbc
 
 from .config import MatMambaConfig
 from .nested_linear import nested_linear
@@ -146,33 +140,14 @@ class MatMambaMixer(nn.Module):
         )
 
     # Forward ---------------------------------------------------------------------------------
-    # forward() and step() share the three stages around the conv and the scan; shapes below are
-    # for a sequence (B, L, ...); a decoding step has no L.
+    # forward() and step() share the input projection; shapes below are for a sequence
+    # (B, L, ...), a decoding step has no L. The views into xbc and zdt: kernels/ssd/layout.py.
     def _in_proj(self, u: torch.Tensor, v: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """u -> xbc (B, L, 2GN + kP), zdt (B, L, k, P+1): two matmuls over row prefixes."""
         xbc, zdt = nested_linear(
             u, self.in_proj.weight, self.in_proj.bias, rows=(v["xbc_rows"], v["zdt_rows"])
         )
         return xbc, zdt.unflatten(-1, (k, self.config.headdim + 1))
-
-    def _split_xbc(self, xbc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """conv output (B, L, 2GN + kP) -> x (B, L, k, P), B and C (B, L, G, N)."""
-        P, G, N = self.config.headdim, self.config.ngroups, self.config.d_state
-        Bm, Cm, x = xbc.split([G * N, G * N, k * P], dim=-1)
-        return x.unflatten(-1, (k, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
-
-    def _norm(self, y: torch.Tensor, z: torch.Tensor, v: dict, k: int, backend: str) -> torch.Tensor:
-        """y, z (B, L, k, P) -> gated norm over each group's channels (B, L, kP)."""
-        cfg = self.config
-        return gated_rmsnorm(
-            y.flatten(-2),
-            z.flatten(-2),
-            v["norm_w"],
-            cfg.norm_eps,
-            group_size=k * cfg.headdim // cfg.ngroups,
-            norm_before_gate=cfg.norm_before_gate,
-            backend=backend,
-        )
 
     def forward(self, u: torch.Tensor, width: int, state: MixerState | None = None) -> torch.Tensor:
         """u: (B, L, d_model) -> (B, L, d_model) through the sub-mixer of `width`.
@@ -188,38 +163,24 @@ class MatMambaMixer(nn.Module):
         xbc, conv_final = causal_conv1d(
             xbc, v["conv_w"], v["conv_b"], conv_init, activation=True, backend=backend
         )
-        if state is None:  # training and plain forwards: the scan and the norm as one op
-            y = ssd_gated_rmsnorm(
-                xbc,
-                zdt,
-                v["A"],
-                v["D"],
-                v["dt_bias"],
-                v["norm_w"],
-                cfg.ngroups,
-                cfg.chunk_size,
-                cfg.norm_eps,
-                cfg.norm_before_gate,
-                backend=backend,
-            )  # (B, L, kP)
-        else:
-            x, Bm, Cm = self._split_xbc(xbc, k)
-            z, dt = split_last(zdt, cfg.headdim)
-            y, ssm_final = ssd_scan(
-                x,
-                dt,
-                v["A"],
-                Bm,
-                Cm,
-                cfg.chunk_size,
-                D=v["D"],
-                dt_bias=v["dt_bias"],
-                dt_softplus=True,
-                initial_state=state.ssm,
-                backend=backend,
-            )  # (B, L, k, P)
+        y = ssd_gated_rmsnorm(
+            xbc,
+            zdt,
+            v["A"],
+            v["D"],
+            v["dt_bias"],
+            v["norm_w"],
+            cfg.ngroups,
+            cfg.chunk_size,
+            cfg.norm_eps,
+            cfg.norm_before_gate,
+            initial_state=None if state is None else state.ssm,
+            return_final_state=state is not None,
+            backend=backend,
+        )  # (B, L, kP), and the final SSD state with `state`
+        if state is not None:
+            y, ssm_final = y
             state.conv, state.ssm = conv_final.detach(), ssm_final.detach()
-            y = self._norm(y, z, v, k, backend)
         return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
@@ -230,10 +191,19 @@ class MatMambaMixer(nn.Module):
         v = self._views(k)
         xbc, zdt = self._in_proj(u, v, k)
         xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"])
-        x, Bm, Cm = self._split_xbc(xbc, k)
-        z, dt = split_last(zdt, self.config.headdim)
+        cfg = self.config
+        x, Bm, Cm = split_xbc(xbc, cfg.ngroups, k, cfg.headdim)
+        z, dt = split_last(zdt, cfg.headdim)
         y, state.ssm = ssd_step(x, dt, v["A"], Bm, Cm, state.ssm, D=v["D"], dt_bias=v["dt_bias"])
-        y = self._norm(y, z, v, k, backend="reference")  # one token: kernels would not pay
+        y = gated_rmsnorm(  # one token: kernels would not pay
+            y.flatten(-2),
+            z.flatten(-2),
+            v["norm_w"],
+            cfg.norm_eps,
+            group_size=k * cfg.headdim // cfg.ngroups,
+            norm_before_gate=cfg.norm_before_gate,
+            backend="reference",
+        )
         return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     @torch.no_grad()
@@ -256,32 +226,6 @@ class MatMambaMixer(nn.Module):
         self.out_proj.weight.copy_(other.out_proj.weight[:, : k * P])
         if self.out_proj.bias is not None:
             self.out_proj.bias.copy_(other.out_proj.bias)
-
-
-def split_last(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t[..., :n], t[..., n]) for t (..., n+1): views, whose backward writes both gradients into
-    one new buffer. Autograd's own backward of the two views zero-fills a full-size gradient for
-    each and adds them: three extra passes over the in_proj output per layer and width."""
-    return _SplitLast.apply(t, n)
-
-
-class _SplitLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, n):
-        ctx.shape, ctx.n = t.shape, n
-        return t[..., :n], t[..., n]
-
-    @staticmethod
-    def backward(ctx, d_head, d_last):
-        like = d_head if d_head is not None else d_last
-        grad = like.new_empty(ctx.shape)  # (..., n+1)
-        n = ctx.n
-        for part, g in ((grad[..., :n], d_head), (grad[..., n], d_last)):
-            if g is None:
-                part.zero_()
-            else:
-                part.copy_(g)
-        return grad, None
 
 
 # Layout conversion to and from mamba-ssm ---------------------------------------------------------

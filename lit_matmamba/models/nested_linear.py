@@ -69,18 +69,16 @@ def nested_linear(
     return out if isinstance(rows, tuple) else out[0]
 
 
-def _accumulate(param: torch.Tensor, index: tuple, grad: torch.Tensor) -> None:
+def _grad_block(param: torch.Tensor, index: tuple) -> torch.Tensor:
+    """The view `param.grad[index]`, allocating `param.grad` as zeros the first time (as autograd would)."""
     if param.grad is None:
         param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
-    param.grad[index].add_(grad)
+    return param.grad[index]
 
 
-def _accumulate_matmul(param: torch.Tensor, index: tuple, a: torch.Tensor, b: torch.Tensor) -> None:
-    """param.grad[index] += a @ b, a (R, T), b (T, C). On CUDA the GEMM adds into the float32 block
-    itself (beta = 1, bf16/fp16 operands accumulated in float32): no (R, C) temporary, no add pass."""
-    if param.grad is None:
-        param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
-    block = param.grad[index]  # (R, C), a view
+def _accumulate_matmul(block: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """block += a @ b, a (R, T), b (T, C). On CUDA the GEMM adds into the float32 block itself
+    (beta = 1, bf16/fp16 operands accumulated in float32): no (R, C) temporary, no add pass."""
     if a.is_cuda and block.dtype == a.dtype:
         block.addmm_(a, b)
     elif a.is_cuda and block.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
@@ -118,9 +116,11 @@ class _DirectGradLinear(torch.autograd.Function):
             dy2 = dy.to(w.dtype).reshape(-1, dy.shape[-1])  # (T, R)
             if ctx.needs_input_grad[0]:  # dx = sum of dy_i @ w_i, summed by the GEMMs (beta = 1)
                 dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)  # (T, C)
-            _accumulate_matmul(ctx.weight, (r, slice(None, ctx.cols)), dy2.t(), x2)  # (R, C)
+            _accumulate_matmul(_grad_block(ctx.weight, (r, slice(None, ctx.cols))), dy2.t(), x2)  # (R, C)
             if ctx.bias is not None:
-                _accumulate(ctx.bias, (r,), dy2.sum(0, dtype=torch.promote_types(dy2.dtype, torch.float32)))
+                _grad_block(ctx.bias, (r,)).add_(
+                    dy2.sum(0, dtype=torch.promote_types(dy2.dtype, torch.float32))
+                )
         if dx is not None:
             dx = dx.view(x.shape)
         elif ctx.needs_input_grad[0]:
