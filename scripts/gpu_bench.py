@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 from lit_matmamba.models.flops import flops_per_token  # noqa: E402
@@ -70,7 +70,7 @@ class _Expand(float):
     __rmul__ = __mul__
 
 
-def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int):
+def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int, chunk_size: int):
     # Import mamba-ssm through the project's shim (which skips the package __init__). The stock
     # LM module still imports the Mamba-1 scan interface, which imports its CUDA extension; a
     # MAMBA_SKIP_CUDA_BUILD install lacks it and the Mamba2 LM never calls it: an empty stand-in.
@@ -86,7 +86,13 @@ def stock_lm(d_model: int, n_layer: int, vocab: int, expand: float, headdim: int
         n_layer=n_layer,
         vocab_size=vocab,
         d_intermediate=0,
-        ssm_cfg=dict(layer="Mamba2", expand=_Expand(expand), headdim=headdim, use_mem_eff_path=False),
+        ssm_cfg=dict(
+            layer="Mamba2",
+            expand=_Expand(expand),
+            headdim=headdim,
+            chunk_size=chunk_size,
+            use_mem_eff_path=False,
+        ),
         rms_norm=True,
         residual_in_fp32=True,
         fused_add_norm=True,
@@ -120,6 +126,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--skip-graphs", action="store_true")
+    ap.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="SSD chunk size of the nested AND the stock models (default: the preset's)",
+    )
+    ap.add_argument(
+        "--joint-only",
+        action="store_true",
+        help="time only the graphed joint step (no stock models, per-width rows or eager steps)",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -137,8 +154,10 @@ def main() -> None:
     print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
 
     with torch.device("cuda"):  # initialise on the GPU: a 1.4B model takes minutes on the host
-        model = MatMambaLM(args.preset)
+        overrides = {} if args.chunk_size is None else dict(chunk_size=args.chunk_size)
+        model = MatMambaLM(MatMambaConfig.from_name(args.preset, **overrides))
     cfg = model.config
+    results["chunk_size"] = cfg.chunk_size
     grans = list(cfg.granularities)
     tokens = args.batch * args.seq
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
@@ -150,10 +169,10 @@ def main() -> None:
     rows = []
 
     # (a) stock mamba-ssm, one standalone model per inner width.
-    if not args.skip_stock:
+    if not (args.skip_stock or args.joint_only):
         for w in grans:
             expand = cfg.expand * w / cfg.d_model
-            stock = stock_lm(cfg.d_model, cfg.n_layer, cfg.vocab_size, expand, cfg.d_model // 32)
+            stock = stock_lm(cfg.d_model, cfg.n_layer, cfg.vocab_size, expand, cfg.headdim, cfg.chunk_size)
 
             def train_step(m=stock):
                 with torch.autocast(**amp):
@@ -188,7 +207,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # (b) the nested model at each width, eager and graphed.
-    for w in grans:
+    for w in [] if args.joint_only else grans:
 
         def train_step(w=w):
             with torch.autocast(**amp):
@@ -254,7 +273,7 @@ def main() -> None:
         results["joint"][name] = {**row, **extra}
         print(f"joint {name:15s} {ms:8.1f} ms  MFU {row['mfu']:.1%}  peak {mem:.1f} GiB{note}", flush=True)
 
-    for name, direct in (("eager_autograd", False), ("eager_direct", True)):
+    for name, direct in () if args.joint_only else (("eager_autograd", False), ("eager_direct", True)):
         ms = bench(lambda d=direct: joint_eager(d), reps=args.reps)
         record_joint(name, ms, peak_mem(lambda d=direct: joint_eager(d)))
     torch.cuda.empty_cache()
@@ -286,7 +305,7 @@ def main() -> None:
 
     # Summary table last (the device tool returns the end of the output).
     print(
-        f"\n== {args.preset} batch {args.batch} seq {args.seq} on {results['device']} "
+        f"\n== {args.preset} chunk {cfg.chunk_size} batch {args.batch} seq {args.seq} on {results['device']} "
         f"(matmul ceiling {results['matmul_tflops']:.0f} TFLOP/s)"
     )
     print(

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 
 GIB = 2**30
@@ -46,12 +46,14 @@ def main() -> None:
     ap.add_argument("--preset", default="lm-1.4b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--chunk-size", type=int, default=None, help="SSD chunk size (default: the preset's)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "memory.json"))
     args = ap.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = MatMambaLM(args.preset)
+        overrides = {} if args.chunk_size is None else dict(chunk_size=args.chunk_size)
+        model = MatMambaLM(MatMambaConfig.from_name(args.preset, **overrides))
     grans = list(model.config.granularities)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
 
@@ -74,7 +76,13 @@ def main() -> None:
     def say(msg: str) -> None:  # progress, so that a stopped run shows where it was
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
-    out = dict(preset=args.preset, batch=args.batch, seq=args.seq, device=torch.cuda.get_device_name())
+    out = dict(
+        preset=args.preset,
+        chunk_size=model.config.chunk_size,
+        batch=args.batch,
+        seq=args.seq,
+        device=torch.cuda.get_device_name(),
+    )
     for w in grans:  # warm-up (autotuning), then the measurement, from no gradients
         single(w)
         model.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lit_matmamba import MatMambaLM  # noqa: E402
+from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--preset", default="lm-1.4b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--chunk-size", type=int, default=None, help="SSD chunk size (default: the preset's)")
     ap.add_argument("--autograd-grads", action="store_true", help="plain autograd weight gradients")
     ap.add_argument(
         "--glue",
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.txt"))
     args = ap.parse_args()
     with torch.device("cuda"):
-        model = MatMambaLM(args.preset)
+        overrides = {} if args.chunk_size is None else dict(chunk_size=args.chunk_size)
+        model = MatMambaLM(MatMambaConfig.from_name(args.preset, **overrides))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     grans = model.config.granularities
@@ -63,7 +65,7 @@ def main() -> None:
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
     table = events.table(sort_by="self_cuda_time_total", row_limit=35)
     summary = (
-        f"{args.preset} batch {args.batch} seq {args.seq} "
+        f"{args.preset} chunk {model.config.chunk_size} batch {args.batch} seq {args.seq} "
         f"({'autograd' if args.autograd_grads else 'direct'} weight grads): device time {cuda_total:.1f} ms, "
         f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
     )
