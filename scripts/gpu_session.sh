@@ -3,6 +3,8 @@
 # wheel (.whl/, built with MAMBA_SKIP_CUDA_BUILD), run the GPU tests, the kernel check and the
 # benchmark and the profile. Everything lands in $OUT.
 # Usage: bash scripts/gpu_session.sh [tests] [kernels] [bench:PRESET:BATCH ...] [profile:PRESET:BATCH ...]
+#        [memory:PRESET:BATCH ...]
+# Several sessions can share a multi-GPU machine: CUDA_VISIBLE_DEVICES, OUT and NO_INSTALL=1 apart.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,6 +23,8 @@ for step in "$@"; do
     bench:*) IFS=: read -r _ preset batch <<< "$step"
       timeout "${BENCH_TIMEOUT:-420}" python3 scripts/gpu_bench.py --preset "$preset" --batch "$batch" --seq 1024 --reps "${REPS:-10}" --out "$OUT/bench-$preset.json" 2>&1 | tee "$OUT/bench-$preset.log" | tail -25 ;;
     profile:*) IFS=: read -r _ preset batch <<< "$step"
-      timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/gpu_profile.py --preset "$preset" --batch "$batch" --out "$OUT/profile-$preset.txt" 2>&1 | tail -3 ;;
+      timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/gpu_profile.py --preset "$preset" --batch "$batch" --glue --out "$OUT/profile-$preset.txt" 2>&1 | tail -3 ;;
+    memory:*) IFS=: read -r _ preset batch <<< "$step"
+      timeout "${MEMORY_TIMEOUT:-200}" python3 scripts/gpu_memory_check.py --preset "$preset" --batch "$batch" --out "$OUT/memory-$preset.json" 2>&1 | tail -2 ;;
   esac
 done

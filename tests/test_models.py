@@ -372,7 +372,7 @@ def test_presets_have_the_papers_sizes():
     for name, n in sizes.items():
         assert abs(n / expected[name] - 1) < 0.06, (name, n)
     c = MatMambaConfig.from_name("lm-130m")
-    assert (c.d_state, c.d_conv, c.expand, c.ngroups, c.nheads, c.chunk_size) == (128, 4, 2, 1, 64, 256)
+    assert (c.d_state, c.d_conv, c.expand, c.ngroups, c.nheads, c.chunk_size) == (128, 4, 2, 1, 64, 128)
     assert c.granularities == (768, 384, 192, 96)
     with pytest.raises(ValueError, match="unknown preset"):
         MatMambaConfig.from_name("lm-7b")
