@@ -1,6 +1,7 @@
 """Profile one eager joint training step (every granularity fwd+bwd + AdamW) on the GPU and write
 the kernel table (by CUDA time) and a host-vs-device summary. Weight gradients are direct (as the
-training module uses on one GPU) unless --autograd-grads.
+training module uses on one GPU) unless --autograd-grads. With --infer WIDTH, profile one
+inference forward at that width instead (no gradients, bf16 autocast, as gpu_bench.py times it).
 
     python scripts/gpu_profile.py --preset lm-1.4b --batch 8 --out $OUT/profile-1.4b.txt
 """
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--chunk-size", type=int, default=None, help="SSD chunk size (default: the preset's)")
     ap.add_argument("--autograd-grads", action="store_true", help="plain autograd weight gradients")
+    ap.add_argument("--infer", type=int, metavar="WIDTH", help="profile an inference forward at WIDTH")
     ap.add_argument(
         "--glue",
         action="store_true",
@@ -41,7 +43,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     grans = model.config.granularities
 
-    def step():
+    def train_step():
         for w in grans:
             with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(not args.autograd_grads):
                 loss = model.loss(ids, width=w)
@@ -49,6 +51,11 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def infer_step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids[:, :-1], width=args.infer)
+
+    step = train_step if args.infer is None else infer_step
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -64,9 +71,14 @@ def main() -> None:
     cuda_total = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
     table = events.table(sort_by="self_cuda_time_total", row_limit=35)
+    what = (
+        f"inference forward at width {args.infer}"
+        if args.infer is not None
+        else f"joint step, {'autograd' if args.autograd_grads else 'direct'} weight grads"
+    )
     summary = (
         f"{args.preset} chunk {model.config.chunk_size} batch {args.batch} seq {args.seq} "
-        f"({'autograd' if args.autograd_grads else 'direct'} weight grads): device time {cuda_total:.1f} ms, "
+        f"({what}): device time {cuda_total:.1f} ms, "
         f"host time {cpu_total:.1f} ms, kernels launched {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
     )
     text = summary + "\n\n" + table
