@@ -1,7 +1,7 @@
 """Time the causal-conv1d backward kernel at several run lengths (`_BWD_CHUNK`, the time steps one
 program walks per row) at the channel counts of the LM presets' widths, bf16, B x L = 8 x 1024
 (1.4b) and 16 x 1024 (130m). The run length is a runtime argument of the kernel: one compilation
-serves every value. Each result is checked against the current default's (128).
+serves every value. Each result is checked against the kernel's default run length's.
 
     python scripts/gpu_conv_bwd_sweep.py --out $OUT/conv-bwd-sweep.json
 """

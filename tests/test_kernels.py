@@ -82,8 +82,8 @@ def run_conv(bsz, seqlen, channels, k, bias, init, act, dtype, weight_dtype=None
         conv_case(2, 3, 5, 3, bias=False, dtype=torch.bfloat16),
         conv_case(1, 150, 13, 3, init=False),  # several tiles and time runs per program
         conv_case(2, 150, 11, 4, bias=False),  # the same with initial_state
-        # Two backward time programs (1024 steps each: 8 runs of 128), the second one nearly empty;
-        # final_state's times straddle the boundary between them.
+        # Three backward time programs (512 steps each: 8 runs of 64), the last one nearly empty;
+        # final_state's times straddle the boundary before it.
         conv_case(1, 1026, 13, 4, init=False),
         conv_case(1, 1030, 11, 4, dtype=torch.bfloat16),
         conv_case(1, 20, 131, 4, init=False, dtype=torch.bfloat16),  # several channel blocks

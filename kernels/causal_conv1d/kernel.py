@@ -50,9 +50,13 @@ _FWD_WARPS = 4
 _BWD_ROWS = 8
 _BWD_MAX_BLOCK_C = 64
 _BWD_WARPS = 4
-# Steps per run: the halo of K-1 steps is 3/128 of the loads; a program covers R * CH = 1024 steps,
-# so the dweight/dbias partial sums (K + 1 fp32 per channel and program) stay small next to x.
-_BWD_CHUNK = 128
+# Steps per run: 64. The halo of K-1 steps is 3/64 of the loads, and a program covers R * CH = 512
+# steps, so the dweight/dbias partial sums (K + 1 fp32 per channel and program) stay small next to
+# x. A program's R runs lie CH * C elements apart, and how well the kernel streams depends on that
+# spacing (it reaches 0.4 to 1.5 TB/s of x + dy + dx). Timed on an H200 at the LM presets' widths
+# (scripts/gpu_conv_bwd_sweep.py, BENCHMARKS.md fourth run): 64 beat 128 in the sum over widths in
+# all three runs at 1.4b (by 2 to 23%) and in two of three at 130m.
+_BWD_CHUNK = 64
 
 
 @triton.jit
