@@ -10,6 +10,7 @@ with the float64 reference:
    keeping the autotuner's choice.
 
     python scripts/gpu_ssd_config_check.py --out $OUT/ssd-configs.json
+    python scripts/gpu_ssd_config_check.py --rounds 1 --shape 1,16,2,8,1,16,16   # one shape: faster
 """
 
 from __future__ import annotations
@@ -57,8 +58,20 @@ def too_large(errs: dict[str, float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="times the autotuner is re-run from scratch")
+    ap.add_argument(
+        "--shape",
+        action="append",
+        metavar="B,L,H,P,G,N,CHUNK",
+        help="check only this shape (repeatable; default: every shape of tests/test_ssd_fused.py)",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "ssd-configs.json"))
     args = ap.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else SHAPES
+    except ValueError:
+        ap.error("--shape takes 7 integers separated by commas, e.g. 1,16,2,8,1,16,16")
+    if any(len(s) != 7 for s in shapes):
+        ap.error("--shape takes 7 integers: batch, length, heads, headdim, groups, d_state, chunk")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU: on the CPU the autotuner cannot time configurations")
     os.environ["LIT_MATMAMBA_POISON"] = "1"  # unwritten gradient elements show up as NaN
@@ -71,7 +84,7 @@ def main() -> None:
         for name, obj in vars(sys.modules[mod]).items()
         if isinstance(obj, Autotuner)
     }
-    cases = [(shape, nbg) for shape in SHAPES for nbg in (False, True)]
+    cases = [(shape, nbg) for shape in shapes for nbg in (False, True)]
     report: dict = {"device": torch.cuda.get_device_name(), "tolerances": TOL[torch.float32], "failures": []}
 
     def check(label: str) -> None:
