@@ -188,6 +188,49 @@ def test_cross_entropy_strided_target_and_unchanged_logits():
     assert_close(logits.grad, grad_ref, BF16, "dlogits")
 
 
+@requires_triton
+@pytest.mark.parametrize(
+    "dtype, layout, ignore_index",
+    [(F32, "contiguous", -100), (BF16, "rows", -100), (F32, "columns", 5)],
+    ids=["fp32", "bf16-strided-rows", "fp32-transposed-ignore5"],
+)
+def test_cross_entropy_per_row_losses_match_reference(dtype, layout, ignore_index):
+    """reduction "none": the per-row losses (0 for ignored rows, as torch), and a gradient that
+    scales each row by its own grad_output, without the mean's count."""
+    rows, vocab = 13, 300
+    logits = leaf(make_logits(rows, vocab, dtype, layout))
+    target = make_target(rows, vocab, ignored=3, ignore_index=ignore_index)
+    from lit_matmamba.kernels.cross_entropy.kernel import cross_entropy_triton
+
+    losses = cross_entropy_triton(logits, target, ignore_index, block_v=64, reduction="none")
+    dout = torch.rand(rows, device=DEVICE) + 0.5
+    losses.backward(dout)
+    ref = leaf(logits.detach().double())
+    ref_losses = cross_entropy_ref(ref, target, ignore_index, reduction="none")
+    ref_losses.backward(dout.double())
+
+    assert losses.shape == (rows,) and losses.dtype == F32
+    assert_close(losses, ref_losses, F32, "losses")
+    assert (losses[target == ignore_index] == 0).all()
+    assert logits.grad.dtype == dtype
+    assert_close(logits.grad, ref.grad, dtype, "dlogits")
+    assert (logits.grad[target == ignore_index] == 0).all()
+
+
+@requires_triton
+def test_cross_entropy_per_row_dispatch_and_bad_reduction():
+    """Both backends give torch's per-row losses; a reduction other than "mean"/"none" is refused."""
+    logits = make_logits(6, 70, BF16)
+    target = make_target(6, 70, ignored=2)
+    expected = F.cross_entropy(logits.float(), target, reduction="none")
+    for backend in ("triton", "reference"):
+        losses = cross_entropy(logits, target, backend=backend, reduction="none")
+        # Row 1's logits sit near 1000: float32 summation order moves its loss by ~1e-5.
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-4)
+        with pytest.raises(ValueError, match="reduction"):
+            cross_entropy(logits, target, backend=backend, reduction="sum")
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize(
     "logits_shape, logits_dtype, target_shape, target_dtype, match",
@@ -283,6 +326,37 @@ def test_language_modeling_loss_is_the_model_loss():
     loss = module.loss(ids, 16)
     assert type(loss.grad_fn).__name__ == "_CrossEntropyFnBackward"
     assert_close(loss, expected, F32, "loss")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_language_modeling_predict_step_is_the_per_sequence_loss(backend, monkeypatch):
+    """predict_step: per sequence and evaluated width, the mean of torch's float32 per-token
+    cross-entropy, on either backend's `cross_entropy` (only the loss on "triton" here, as in the
+    test above)."""
+    from lit_matmamba.training import LanguageModeling
+
+    cfg = MatMambaConfig.from_name("lm-tiny", backend="reference")
+    module = LanguageModeling(MatMambaLM(cfg).to(DEVICE))
+    module.model.config = dataclasses.replace(cfg, backend=backend)
+    calls = []
+    if backend == "triton":  # count the kernel's calls
+        from lit_matmamba.kernels.cross_entropy import kernel
+
+        triton_ce = kernel.cross_entropy_triton
+        monkeypatch.setattr(
+            kernel, "cross_entropy_triton", lambda *a, **k: calls.append(k) or triton_ce(*a, **k)
+        )
+    ids = torch.randint(0, 4096, (3, 9), device=DEVICE)
+    out = module.predict_step(ids, 0)
+    if backend == "triton":
+        assert calls == [{"reduction": "none"}] * len(module.eval_settings())
+    assert sorted(out) == sorted(f"loss/{label}" for label, _ in module.eval_settings())
+    for label, width in module.eval_settings():
+        with torch.no_grad():
+            logits = module.model(ids[:, :-1], width=width).float()  # (3, 8, V)
+        expected = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # (3,)
+        assert out[f"loss/{label}"].shape == (3,)
+        torch.testing.assert_close(out[f"loss/{label}"], expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

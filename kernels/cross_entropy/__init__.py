@@ -28,13 +28,20 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, backend: str = "auto"
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy over the rows not ignored, a 0-d float32 tensor; logits (N, V) in any float
-    dtype, target (N,) integer. See `cross_entropy_ref`."""
+    """Mean cross-entropy over the rows not ignored, a 0-d float32 tensor; with reduction "none" the
+    per-row losses (N,), 0 for ignored rows. logits (N, V) in any float dtype, target (N,) integer.
+    See `cross_entropy_ref`."""
     _check_inputs(logits, target)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f'reduction must be "mean" or "none", got {reduction!r}')
     if use_triton(backend, logits):
         from .kernel import cross_entropy_triton
 
-        return cross_entropy_triton(logits, target, ignore_index)
-    return cross_entropy_ref(logits, target, ignore_index)
+        return cross_entropy_triton(logits, target, ignore_index, reduction=reduction)
+    return cross_entropy_ref(logits, target, ignore_index, reduction)

@@ -14,7 +14,8 @@ count, both device tensors: nothing reads a value on the host, so the op can be 
 CUDA graph. Backward: one program per row recomputes softmax = exp(x - lse) block by block and
 writes (softmax - onehot(target)) * grad_output / count in the logits' dtype (zeros for ignored
 rows); grad_output and the count are read by the kernel through pointers. The logits are saved
-for the backward as they are (no copy) and are not overwritten.
+for the backward as they are (no copy) and are not overwritten. With reduction "none" the op
+returns the per-row losses (N,) and the backward scales row i by grad_output[i] (no count).
 
 Rows and targets may have any stride (the vocabulary dim must be unit-stride, or the logits are
 copied); row offsets are int64, as N * V may exceed 2**31 elements (from 42704 rows of a 50288 vocabulary; the
@@ -86,7 +87,9 @@ def _ce_bwd_kernel(
     stride_row,
     stride_drow,
     stride_t,
+    stride_dout,
     ignore_index,
+    MEAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     acc_dtype = lse_ptr.dtype.element_ty
@@ -97,8 +100,10 @@ def _ce_bwd_kernel(
     t = tl.load(target_ptr + row * stride_t).to(tl.int64)
     keep = t != ignore_index
     lse = tl.load(lse_ptr + row)
-    # d(mean loss)/d(row loss) = grad_output / count; both are 0-d device tensors.
-    scale = tl.load(dout_ptr).to(acc_dtype) / tl.load(count_ptr).to(acc_dtype)
+    if MEAN:  # d(mean loss)/d(row loss) = grad_output / count; both are 0-d device tensors.
+        scale = tl.load(dout_ptr).to(acc_dtype) / tl.load(count_ptr).to(acc_dtype)
+    else:  # per-row losses: grad_output (N,)
+        scale = tl.load(dout_ptr + row * stride_dout).to(acc_dtype)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         mask = c < V
@@ -135,12 +140,11 @@ def _fwd(logits, target, ignore_index, block_v):
             BLOCK_V=block,
             num_warps=warps,
         )
-    count = (target != ignore_index).sum()  # () int64, on the device
-    loss = losses.sum() / count  # () acc dtype; 0 / 0 = NaN when every row is ignored, as torch
-    return loss, lse, count
+    return lse, losses
 
 
 def _bwd(logits, target, lse, count, dout, ignore_index, block_v):
+    """dlogits (N, V); dout () with the mean's count (), or (N,) with count None."""
     rows, vocab = logits.shape
     dlogits = _empty((rows, vocab), logits, logits.dtype)  # (N, V)
     if rows:
@@ -150,13 +154,15 @@ def _bwd(logits, target, lse, count, dout, ignore_index, block_v):
             target,
             lse,
             dout,
-            count,
+            count if count is not None else dout,
             dlogits,
             vocab,
             logits.stride(0),
             dlogits.stride(0),
             target.stride(0),
+            dout.stride(0) if dout.dim() else 0,
             ignore_index,
+            MEAN=count is not None,
             BLOCK_V=block,
             num_warps=warps,
         )
@@ -165,32 +171,41 @@ def _bwd(logits, target, lse, count, dout, ignore_index, block_v):
 
 class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, block_v):
+    def forward(ctx, logits, target, ignore_index, block_v, reduction):
         if logits.stride(1) != 1:  # the kernels index the vocabulary with unit stride
             logits = logits.contiguous()
-        loss, lse, count = _fwd(logits, target, ignore_index, block_v)
-        ctx.save_for_backward(logits, target, lse, count)
+        lse, losses = _fwd(logits, target, ignore_index, block_v)
         ctx.ignore_index = ignore_index
         ctx.block_v = block_v
+        if reduction == "none":
+            ctx.save_for_backward(logits, target, lse)
+            return losses
+        count = (target != ignore_index).sum()  # () int64, on the device
+        loss = losses.sum() / count  # () acc dtype; 0 / 0 = NaN when every row is ignored, as torch
+        ctx.save_for_backward(logits, target, lse, count)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        logits, target, lse, count = ctx.saved_tensors
+        logits, target, lse, *count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        # dout: (), on the device; the kernel reads it through its pointer, the host never does.
-        dlogits = _bwd(logits, target, lse, count, dout, ctx.ignore_index, ctx.block_v)
-        return dlogits, None, None, None
+            return None, None, None, None, None
+        # dout: () or (N,), on the device; the kernel reads it through its pointer, the host never does.
+        dlogits = _bwd(logits, target, lse, count[0] if count else None, dout, ctx.ignore_index, ctx.block_v)
+        return dlogits, None, None, None, None
 
 
 def cross_entropy_triton(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, block_v: int | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    block_v: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Triton `cross_entropy_ref`: logits (N, V), target (N,) integer -> the mean loss, a 0-d float32
-    tensor (float64 for float64 logits). Inputs are checked by `cross_entropy`; `block_v` (a power
-    of 2) overrides the vocabulary block size."""
+    tensor (float64 for float64 logits), or with reduction "none" the per-row losses (N,). Inputs
+    are checked by `cross_entropy`; `block_v` (a power of 2) overrides the vocabulary block size."""
     if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of 2, got {block_v}")
-    return _CrossEntropyFn.apply(logits, target, int(ignore_index), block_v)
+    return _CrossEntropyFn.apply(logits, target, int(ignore_index), block_v, reduction)

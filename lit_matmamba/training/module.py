@@ -331,9 +331,14 @@ class LanguageModeling(NestedModule):
     def loss(self, batch: torch.Tensor, width: Width) -> torch.Tensor:
         """`MatMambaLM.loss` for any model taking `width`: the mean next-token cross-entropy, by the
         `cross_entropy` op of the model config's backend (no float32 copy of the logits on the GPU)."""
+        return self._token_losses(batch, width, "mean")
+
+    def _token_losses(self, batch: torch.Tensor, width: Width, reduction: str) -> torch.Tensor:
         logits = self.model(batch[:, :-1], width=width)  # (B, L-1, V)
         backend = getattr(self.model.config, "backend", "auto")
-        return cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), backend=backend)
+        return cross_entropy(
+            logits.flatten(0, 1), batch[:, 1:].flatten(), backend=backend, reduction=reduction
+        )
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
@@ -352,12 +357,12 @@ class LanguageModeling(NestedModule):
 
     @torch.no_grad()
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`."""
+        """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`
+        (per-token losses by the same `cross_entropy` op as training: no float32 copy of the logits)."""
         out = {}
         for label, width in self.eval_settings():
-            logits = self.model(batch[:, :-1], width=width).float()  # (B, L-1, V)
-            losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, L-1)
-            out[f"loss/{label}"] = losses.mean(1)
+            losses = self._token_losses(batch, width, "none")  # (B * (L-1),)
+            out[f"loss/{label}"] = losses.view(batch.shape[0], -1).mean(1)
         return out
 
     def batch_size(self, batch: torch.Tensor) -> int:
