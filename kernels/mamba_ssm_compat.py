@@ -77,6 +77,7 @@ _SSD_INTERNALS = {  # our name: (module under mamba_ssm.ops.triton, function)
     "chunk_scan_bwd_dstates": ("ssd_chunk_scan", "_chunk_scan_bwd_dstates"),
     "chunk_scan_bwd_dC": ("ssd_chunk_scan", "_chunk_scan_bwd_dC"),
     "chunk_scan_bwd_dcb": ("ssd_chunk_scan", "_chunk_scan_bwd_dcb"),
+    "chunk_scan_bwd_dcb_kernel": ("ssd_chunk_scan", "_chunk_scan_bwd_dcb_kernel"),  # ssd/dcb_dda.py
     "chunk_scan_bwd_ddAcs_stable": ("ssd_chunk_scan", "_chunk_scan_bwd_ddAcs_stable"),
     "chunk_scan_chunk_state_bwd_dx": ("ssd_combined", "_chunk_scan_chunk_state_bwd_dx"),
 }

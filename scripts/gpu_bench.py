@@ -148,6 +148,8 @@ def main() -> None:
         "seq": args.seq,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        # Switches of experimental kernel paths (e.g. LIT_MATMAMBA_FUSED_DDA), as this run had them.
+        "env": {k: v for k, v in os.environ.items() if k.startswith("LIT_MATMAMBA_")},
     }
     t0 = time.time()
     results["matmul_tflops"] = matmul_ceiling() / 1e12

@@ -63,6 +63,9 @@ TOL = {
 SHAPES = [(2, 37, 4, 8, 1, 16, 16), (1, 16, 2, 8, 1, 16, 16), (2, 21, 4, 6, 2, 8, 16)]
 
 
+GPU_ONLY = pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="preset-sized: too slow for the Triton interpreter"
+)
 # Triton's interpreter gets mamba-ssm's bf16 `tl.dot`s wrong (mamba_chunk_scan_combined itself is off
 # by orders of magnitude there), so bf16 runs on the GPU only.
 BF16_ON_GPU = pytest.param(
@@ -74,14 +77,16 @@ BF16_ON_GPU = pytest.param(
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("norm_before_gate", [False, True], ids=["gate-then-norm", "norm-then-gate"])
-@pytest.mark.parametrize("path", ["fused", "composed"])
+@pytest.mark.parametrize("path", ["fused", "fused-dda", "composed"])
 def test_fused_core_matches_reference(dtype, shape, norm_before_gate, path, monkeypatch):
     """The fused node, and beside it the composed Triton path (mamba-ssm's public
     `mamba_chunk_scan_combined`, then our gated norm) held to the same tolerances: where only the
-    fused one fails, the fault is ours."""
+    fused one fails, the fault is ours. "fused-dda": the fused node with dCB and ddA_cumsum from
+    one pass (`kernels/ssd/dcb_dda.py`, LIT_MATMAMBA_FUSED_DDA=1)."""
     bsz, seqlen, k, P, G, N, chunk = shape
     inputs = [leaf(t) for t in core_inputs(bsz, seqlen, k, P, G, N, dtype)]
-    if path == "fused":
+    monkeypatch.setenv("LIT_MATMAMBA_FUSED_DDA", "1" if path == "fused-dda" else "0")
+    if path.startswith("fused"):
         y = fused.ssd_gated_rmsnorm_triton(*inputs, G, chunk, 1e-5, norm_before_gate)
     else:
         monkeypatch.setattr(ssd, "_fused_available", lambda: False)
@@ -105,6 +110,40 @@ def test_fused_core_matches_reference(dtype, shape, norm_before_gate, path, monk
     assert not too_large, (
         f"relative errors {too_large}; all: { {n: f'{e:.1e}' for n, (e, _) in errors.items()} }"
     )
+
+
+@pytest.mark.parametrize(
+    "bsz, seqlen, k, P, G, chunk",
+    [
+        (2, 100, 6, 8, 2, 64),  # several row blocks, a partial chunk, two groups
+        (1, 64, 8, 24, 1, 64),  # heads split over programs, headdim 24
+        (1, 50, 4, 16, 1, 32),
+        # The presets' sizes (chunk 128 and 256: 4 and 8 warps), on the GPU only.
+        pytest.param(2, 1024, 64, 24, 1, 128, marks=GPU_ONLY),
+        pytest.param(2, 1024, 32, 64, 1, 256, marks=GPU_ONLY),
+    ],
+    ids=["2x100-6heads-2groups-Q64", "1x64-8heads-P24-Q64", "1x50-4heads-Q32", "130m-Q128", "1.4b-Q256"],
+)
+def test_dcb_dda_equals_mamba_ssm_two_kernels(bsz, seqlen, k, P, G, chunk):
+    """`dcb_dda.chunk_scan_bwd_dcb_dda` (one pass) against mamba-ssm's `_chunk_scan_bwd_dcb` and
+    `_chunk_scan_bwd_ddAcs_stable` on the same inputs, float32."""
+    from lit_matmamba.kernels.mamba_ssm_compat import get_ssd_internals
+    from lit_matmamba.kernels.ssd import dcb_dda
+
+    m = get_ssd_internals()
+    g = torch.Generator().manual_seed(1)
+    x, dout = (torch.randn(bsz, seqlen, k, P, generator=g).to(DEVICE) for _ in range(2))
+    Bm, Cm = (torch.randn(bsz, seqlen, G, 16, generator=g).to(DEVICE) / 4 for _ in range(2))
+    dt = (torch.randn(bsz, seqlen, k, generator=g) - 2).to(DEVICE)
+    A = -torch.rand(k, generator=g).to(DEVICE) * 4 - 0.5
+    dA_cumsum, dt_proc = m.chunk_cumsum_fwd(dt, A, chunk, dt_bias=None, dt_softplus=True)  # (B, k, c, Q)
+    CB = m.bmm_chunk_fwd(Cm, Bm, chunk, output_dtype=torch.float32)  # (B, c, G, Q, Q)
+    dcb, dda = dcb_dda.chunk_scan_bwd_dcb_dda(m.chunk_scan_bwd_dcb_kernel, x, dt_proc, dA_cumsum, dout, CB, G)
+    dcb_ref = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dout, ngroups=G)
+    dda_ref = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dout, CB)
+    assert dcb.shape == dcb_ref.shape and dda.shape == dda_ref.shape
+    assert rel_err(dcb, dcb_ref) < 1e-5, rel_err(dcb, dcb_ref)
+    assert rel_err(dda, dda_ref) < 1e-5, rel_err(dda, dda_ref)
 
 
 def test_fused_core_is_what_the_triton_backend_runs(monkeypatch):

@@ -27,6 +27,7 @@ import torch
 from ..backend import empty_output as _empty
 from ..gated_rmsnorm.kernel import _norm_bwd, _norm_fwd
 from ..mamba_ssm_compat import get_ssd_internals
+from . import dcb_dda
 from .layout import split_xbc
 
 
@@ -109,11 +110,16 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         _, ddt, dD = m.chunk_scan_chunk_state_bwd_dx(x, dt_proc, dA_cumsum, Bm, CB, dy, dstates, D=D, dx=dx)
         dB_part, ddA_next = m.chunk_state_bwd_db(x, dt_proc, dA_cumsum, dstates, B=Bm, ngroups=G)
         dC_part, ddA_cumsum_prev = m.chunk_scan_bwd_dC(states_x, dA_cumsum, dy, C=Cm, ngroups=G)
-        dCB = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dy, ngroups=G).to(CB.dtype)  # (B, c, G, Q, Q)
+        if dcb_dda.enabled():  # dCB and the scan's ddA_cumsum in one pass (experimental)
+            dCB, ddA = dcb_dda.chunk_scan_bwd_dcb_dda(
+                m.chunk_scan_bwd_dcb_kernel, x, dt_proc, dA_cumsum, dy, CB, G
+            )  # (B, c, G, Q, Q), (B, k, c, Q)
+        else:
+            dCB = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dy, ngroups=G).to(CB.dtype)  # (B, c, G, Q, Q)
+            ddA = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dy, CB)  # (B, k, c, Q)
         m.bmm_chunk_bwd(Cm, dCB, residual=dB_part, out=dBm)
         m.bmm_chunk_bwd(Bm, dCB.transpose(-1, -2), residual=dC_part, out=dCm)
         ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
-        ddA = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dy, CB)
         ddA += ddA_next + ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
         _, dA, ddt_bias = m.chunk_cumsum_bwd(
             ddA, ddt, zdt[..., P], A, dt_bias=dt_bias, dt_softplus=True, ddt=dzdt[..., P]
