@@ -59,6 +59,19 @@ def get_rmsnorm_fn() -> Callable:
     return _import("ops.triton.layernorm_gated").rmsnorm_fn
 
 
+@functools.cache
+def get_chunk_scan_bwd_dcb_kernel():
+    """mamba_ssm.ops.triton.ssd_chunk_scan._chunk_scan_bwd_dcb_kernel (autotuned Triton kernel; private
+    API), for the experimental one-pass dCB/ddA (`kernels/ssd/dcb_dda.py`)."""
+    kernel = getattr(_import("ops.triton.ssd_chunk_scan"), "_chunk_scan_bwd_dcb_kernel", None)
+    if kernel is None:
+        raise ImportError(
+            "mamba_ssm.ops.triton.ssd_chunk_scan._chunk_scan_bwd_dcb_kernel not found (another mamba-ssm "
+            "version?): unset LIT_MATMAMBA_FUSED_DDA"
+        )
+    return kernel
+
+
 def get_selective_state_update() -> Callable:
     """mamba_ssm.ops.triton.selective_state_update.selective_state_update (one decoding step)."""
     return _import("ops.triton.selective_state_update").selective_state_update
@@ -77,7 +90,6 @@ _SSD_INTERNALS = {  # our name: (module under mamba_ssm.ops.triton, function)
     "chunk_scan_bwd_dstates": ("ssd_chunk_scan", "_chunk_scan_bwd_dstates"),
     "chunk_scan_bwd_dC": ("ssd_chunk_scan", "_chunk_scan_bwd_dC"),
     "chunk_scan_bwd_dcb": ("ssd_chunk_scan", "_chunk_scan_bwd_dcb"),
-    "chunk_scan_bwd_dcb_kernel": ("ssd_chunk_scan", "_chunk_scan_bwd_dcb_kernel"),  # ssd/dcb_dda.py
     "chunk_scan_bwd_ddAcs_stable": ("ssd_chunk_scan", "_chunk_scan_bwd_ddAcs_stable"),
     "chunk_scan_chunk_state_bwd_dx": ("ssd_combined", "_chunk_scan_chunk_state_bwd_dx"),
 }

@@ -138,7 +138,7 @@ def test_dcb_dda_equals_mamba_ssm_two_kernels(bsz, seqlen, k, P, G, chunk):
     A = -torch.rand(k, generator=g).to(DEVICE) * 4 - 0.5
     dA_cumsum, dt_proc = m.chunk_cumsum_fwd(dt, A, chunk, dt_bias=None, dt_softplus=True)  # (B, k, c, Q)
     CB = m.bmm_chunk_fwd(Cm, Bm, chunk, output_dtype=torch.float32)  # (B, c, G, Q, Q)
-    dcb, dda = dcb_dda.chunk_scan_bwd_dcb_dda(m.chunk_scan_bwd_dcb_kernel, x, dt_proc, dA_cumsum, dout, CB, G)
+    dcb, dda = dcb_dda.chunk_scan_bwd_dcb_dda(x, dt_proc, dA_cumsum, dout, CB, G)
     dcb_ref = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dout, ngroups=G)
     dda_ref = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dout, CB)
     assert dcb.shape == dcb_ref.shape and dda.shape == dda_ref.shape

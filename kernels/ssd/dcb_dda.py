@@ -25,6 +25,7 @@ import torch
 import triton
 
 from ..backend import empty_output as _empty
+from ..mamba_ssm_compat import get_chunk_scan_bwd_dcb_kernel
 
 
 def enabled() -> bool:
@@ -32,7 +33,6 @@ def enabled() -> bool:
 
 
 def chunk_scan_bwd_dcb_dda(
-    kernel,
     x: torch.Tensor,
     dt: torch.Tensor,
     dA_cumsum: torch.Tensor,
@@ -40,9 +40,9 @@ def chunk_scan_bwd_dcb_dda(
     CB: torch.Tensor,
     ngroups: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernel`: mamba-ssm's autotuned `_chunk_scan_bwd_dcb_kernel`.
-    x, dout (B, L, k, P); dt, dA_cumsum (B, k, c, Q); CB (B, c, G, Q, Q)
+    """x, dout (B, L, k, P); dt, dA_cumsum (B, k, c, Q); CB (B, c, G, Q, Q)
     -> dCB (B, c, G, Q, Q) float32, ddA_cumsum (B, k, c, Q) float32."""
+    kernel = get_chunk_scan_bwd_dcb_kernel()  # mamba-ssm's, autotuned: we launch its .fn
     bsz, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
     block_n = max(triton.next_power_of_2(chunk_size), 16)  # one block spans the chunk

@@ -112,7 +112,7 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         dC_part, ddA_cumsum_prev = m.chunk_scan_bwd_dC(states_x, dA_cumsum, dy, C=Cm, ngroups=G)
         if dcb_dda.enabled():  # dCB and the scan's ddA_cumsum in one pass (experimental)
             dCB, ddA = dcb_dda.chunk_scan_bwd_dcb_dda(
-                m.chunk_scan_bwd_dcb_kernel, x, dt_proc, dA_cumsum, dy, CB, G
+                x, dt_proc, dA_cumsum, dy, CB, G
             )  # (B, c, G, Q, Q), (B, k, c, Q)
         else:
             dCB = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dy, ngroups=G).to(CB.dtype)  # (B, c, G, Q, Q)
