@@ -63,13 +63,7 @@ def get_rmsnorm_fn() -> Callable:
 def get_chunk_scan_bwd_dcb_kernel():
     """mamba_ssm.ops.triton.ssd_chunk_scan._chunk_scan_bwd_dcb_kernel (autotuned Triton kernel; private
     API), for the experimental one-pass dCB/ddA (`kernels/ssd/dcb_dda.py`)."""
-    kernel = getattr(_import("ops.triton.ssd_chunk_scan"), "_chunk_scan_bwd_dcb_kernel", None)
-    if kernel is None:
-        raise ImportError(
-            "mamba_ssm.ops.triton.ssd_chunk_scan._chunk_scan_bwd_dcb_kernel not found (another mamba-ssm "
-            "version?): unset LIT_MATMAMBA_FUSED_DDA"
-        )
-    return kernel
+    return _private("ssd_chunk_scan", "_chunk_scan_bwd_dcb_kernel", ": unset LIT_MATMAMBA_FUSED_DDA")
 
 
 def get_selective_state_update() -> Callable:
@@ -100,10 +94,14 @@ def get_ssd_internals() -> types.SimpleNamespace:
     """The private pieces of mamba-ssm's chunked SSD (forward and backward steps), for the fused mixer
     core (`kernels/ssd/fused.py`). Private API: raises ImportError when one is missing, and the caller
     then uses the public `mamba_chunk_scan_combined`."""
-    found = {}
-    for name, (module, attr) in _SSD_INTERNALS.items():
-        fn = getattr(_import(f"ops.triton.{module}"), attr, None)
-        if fn is None:
-            raise ImportError(f"mamba_ssm.ops.triton.{module}.{attr} not found (another mamba-ssm version?)")
-        found[name] = fn
-    return types.SimpleNamespace(**found)
+    return types.SimpleNamespace(**{name: _private(*where) for name, where in _SSD_INTERNALS.items()})
+
+
+def _private(module: str, attr: str, hint: str = ""):
+    """mamba_ssm.ops.triton.<module>.<attr>, or an ImportError naming it (private API)."""
+    found = getattr(_import(f"ops.triton.{module}"), attr, None)
+    if found is None:
+        raise ImportError(
+            f"mamba_ssm.ops.triton.{module}.{attr} not found (another mamba-ssm version?){hint}"
+        )
+    return found

@@ -21,8 +21,15 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernel_check import rel_err  # noqa: E402  (it loads this checkout's kernels/)
 
-# (batch, channels at D, D/2, D/4, D/8): conv channels = expand * width + 2 * d_state.
-PRESETS = {"lm-1.4b": (8, [4352, 2304, 1280, 768]), "lm-130m": (16, [1792, 1024, 640, 448])}
+from lit_matmamba import MatMambaConfig  # noqa: E402
+
+PRESETS = {"lm-1.4b": 8, "lm-130m": 16}  # preset: batch
+
+
+def conv_channels(preset: str) -> list[int]:
+    """The conv's channels at each granularity: the x prefix plus B and C."""
+    cfg = MatMambaConfig.from_name(preset)
+    return [cfg.expand * w + 2 * cfg.ngroups * cfg.d_state for w in cfg.granularities]
 
 
 def main() -> None:
@@ -35,8 +42,8 @@ def main() -> None:
     default = kernel._BWD_CHUNK
     rows = []
     torch.manual_seed(0)
-    for preset, (bsz, channel_list) in PRESETS.items():
-        for channels in channel_list:
+    for preset, bsz in PRESETS.items():
+        for channels in conv_channels(preset):
             x = torch.randn(bsz, 1024, channels, device="cuda", dtype=torch.bfloat16)
             dy = torch.randn_like(x)
             w = torch.randn(channels, 4, device="cuda") * 0.5

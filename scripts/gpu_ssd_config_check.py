@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from kernel_testing import as_float64, leaf, rel_err  # noqa: E402
-from test_ssd_fused import NAMES, SHAPES, TOL, core_inputs  # noqa: E402
+from kernel_testing import leaf  # noqa: E402
+from test_ssd_fused import SHAPES, TOL, core_inputs, errors_against_reference, over_tolerance  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from lit_matmamba.kernels import mamba_ssm_compat, ssd_gated_rmsnorm  # noqa: E402
+from lit_matmamba.kernels import mamba_ssm_compat  # noqa: E402
 from lit_matmamba.kernels.ssd import fused  # noqa: E402
 
 
@@ -40,19 +40,7 @@ def errors(shape, norm_before_gate: bool) -> dict[str, float]:
     bsz, seqlen, k, P, G, N, chunk = shape
     inputs = [leaf(t) for t in core_inputs(bsz, seqlen, k, P, G, N, torch.float32)]
     y = fused.ssd_gated_rmsnorm_triton(*inputs, G, chunk, 1e-5, norm_before_gate)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, inputs, dy)
-    ref = as_float64(inputs)
-    y_ref = ssd_gated_rmsnorm(*ref, G, chunk, 1e-5, norm_before_gate, backend="reference")
-    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
-    out = {"y": rel_err(y, y_ref)}
-    out.update({f"d{n}": rel_err(g, r) for n, g, r in zip(NAMES, grads, ref_grads)})
-    return out
-
-
-def too_large(errs: dict[str, float]) -> dict[str, float]:
-    out_tol, grad_tol = TOL[torch.float32]
-    return {n: e for n, e in errs.items() if not e < (out_tol if n == "y" else grad_tol)}
+    return errors_against_reference(inputs, y, G, chunk, norm_before_gate)[1]
 
 
 def main() -> None:
@@ -90,7 +78,7 @@ def main() -> None:
     def check(label: str) -> None:
         for shape, nbg in cases:
             errs = errors(shape, nbg)
-            bad = too_large(errs)
+            bad = {n: e for n, (e, _) in over_tolerance(errs, torch.float32).items()}
             if bad:
                 failure = dict(run=label, shape=shape, norm_before_gate=nbg, errors=errs, too_large=bad)
                 report["failures"].append(failure)

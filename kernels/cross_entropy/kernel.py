@@ -154,7 +154,7 @@ def _bwd(logits, target, lse, count, dout, ignore_index, block_v):
             target,
             lse,
             dout,
-            count if count is not None else dout,
+            count if count is not None else dout,  # unread without MEAN
             dlogits,
             vocab,
             logits.stride(0),
