@@ -11,6 +11,7 @@ forgets to write fails the comparison.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import pytest
@@ -91,6 +92,11 @@ def run_conv(bsz, seqlen, channels, k, bias, init, act, dtype, weight_dtype=None
     ],
 )
 def test_causal_conv1d_matches_reference(bsz, seqlen, channels, k, bias, init, act, dtype, extra):
+    check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra)
+
+
+def check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra):
+    """Outputs and gradients of the Triton conv against the reference in float64."""
     leaves, names, op = run_conv(bsz, seqlen, channels, k, bias, init, act, dtype, **extra)
     leaves = [leaf(t) for t in leaves]
     y, final = op(*leaves, backend="triton")
@@ -109,6 +115,34 @@ def test_causal_conv1d_matches_reference(bsz, seqlen, channels, k, bias, init, a
         assert_close(g, g_ref, dtype, name)
     # Only the prefix the op used gets a gradient (zeros beyond it, like the reference).
     assert grads[1][channels:].abs().max() == 0
+
+
+def conv_bwd_variants() -> list[str]:
+    """The backward variants other than the default (kernel._BWD_VARIANTS); none without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return []
+    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
+    return [name for name in kernel._BWD_VARIANTS if name != kernel._BWD_VARIANT]
+
+
+@requires_triton
+@pytest.mark.parametrize("variant", conv_bwd_variants())
+@pytest.mark.parametrize(
+    "bsz, seqlen, channels, k, bias, init, act, dtype, extra",
+    [
+        # Runs of 6 steps (CH + K-1 = 9: the 4-step unrolled loop ends mid-iteration): several time
+        # programs, the last one partial, final_state's times past the last full program.
+        conv_case(1, 100, 13, 4),
+        # K = 3 and, with 8 rows, CH + K-1 = 8: whole unrolled iterations; two channel blocks, one partial.
+        conv_case(2, 50, 70, 3, bias=False, init=False, act=False, dtype=torch.bfloat16),
+    ],
+)
+def test_causal_conv1d_bwd_variants_match_reference(monkeypatch, variant, bsz, seqlen, channels, k, bias, init,
+                                                    act, dtype, extra):  # fmt: skip
+    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
+    monkeypatch.setattr(kernel, "_BWD_VARIANT", variant)
+    monkeypatch.setattr(kernel, "_BWD_CHUNK", 6)  # short runs: tiny sequences span several programs
+    check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra)
 
 
 @requires_triton
