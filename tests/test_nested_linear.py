@@ -151,3 +151,119 @@ def test_split_last_gradient_equals_autograd(used):
 
     expected = run(lambda x: (x[..., :5], x[..., 5]))
     torch.testing.assert_close(run(lambda x: split_last(x, 5)), expected, rtol=0, atol=0)
+
+
+def tiny_lm(tie: bool = True, head: torch.nn.Module | None = None) -> MatMambaLM:
+    torch.manual_seed(0)
+    cfg = MatMambaConfig(d_model=16, n_layer=2, vocab_size=29, d_state=8, headdim=8, chunk_size=8)
+    cfg.tie_embeddings = tie
+    return MatMambaLM(cfg, head=head)
+
+
+def test_lm_head_goes_through_nested_linear_only_with_direct_grads():
+    model = tiny_lm()
+    ids = torch.randint(0, 29, (2, 5))
+    assert model(ids).grad_fn.name() != "_DirectGradLinearBackward"
+    with direct_weight_grads():
+        assert model(ids).grad_fn.name() == "_DirectGradLinearBackward"
+        with torch.no_grad():  # inference: the plain head
+            assert model(ids).grad_fn is None
+            cache = model.allocate_cache(2, 8)
+            torch.testing.assert_close(model(ids, 8, cache)[:, -1], model(ids, 8)[:, -1])
+            model.step(ids[:, 0], cache)
+        model.lm_head.weight.requires_grad_(False)  # a frozen head: plain autograd
+        assert model(ids).grad_fn.name() != "_DirectGradLinearBackward"
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("widths", [[8], [16], [16, 8], [[8, 16], 16]], ids=str)
+def test_lm_head_gradients_equal_with_direct_grads(tie, widths):
+    """The head's weight gradient, added into `.grad` by the backward, equals autograd's; tied, it
+    sums with the embedding's (autograd's) gradient, over several widths' backward passes (fp32)."""
+    model = tiny_lm(tie)
+    assert (model.lm_head.weight is model.backbone.embedding.weight) == tie
+    ids = torch.randint(0, 29, (2, 9))
+    losses, expected = joint_grads(model, ids, widths, direct=False, autocast=False)
+    losses_d, got = joint_grads(model, ids, widths, direct=True, autocast=False)
+    torch.testing.assert_close(losses_d, losses, rtol=0, atol=0)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("first", ["embedding", "plain", "zeros"])
+def test_tied_head_gradient_adds_to_an_existing_grad(first):
+    """Tied head and embedding: whichever gradient arrives first creates `.grad` and the other adds
+    to it. `first`: a backward through the embedding only (autograd creates `.grad`), a plain
+    backward of the loss, or a zero `.grad` set beforehand, which must be kept, not replaced."""
+    model = tiny_lm(tie=True)
+    weight = model.lm_head.weight
+    ids = torch.randint(0, 29, (2, 9))
+
+    def run(direct: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        if first == "embedding":
+            (model.backbone.embedding(ids) ** 2).sum().backward()
+        elif first == "plain":
+            model.loss(ids, 8).backward()
+        else:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+        for width in (16, 8):
+            with direct_weight_grads(direct):
+                loss = model.loss(ids, width)
+            loss.backward()
+            assert weight.grad is grad  # accumulated in place
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected, got = run(False), run(True)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+class ScaledLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclass", "hooked", "bias"])
+def test_custom_lm_head_keeps_its_own_forward(kind):
+    """Only a plain `nn.Linear` head goes through `nested_linear`; a custom module (or one with a
+    hook) runs its forward. A plain `nn.Linear` with a bias goes through it, bias gradient included."""
+    calls = []
+    if kind == "sequential":
+        head = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False))
+    elif kind == "subclass":
+        head = ScaledLinear(16, 32, bias=False)
+    else:
+        head = torch.nn.Linear(16, 32, bias=kind == "bias")
+    if kind != "bias":
+        head.register_forward_hook(lambda *args: calls.append(1))
+    model = tiny_lm(tie=False, head=head)
+    ids = torch.randint(0, 29, (2, 9))
+    with direct_weight_grads():
+        logits = model(ids)
+    routed = logits.grad_fn.name() == "_DirectGradLinearBackward"
+    assert routed == (kind == "bias") and len(calls) == (kind != "bias")
+    if kind == "subclass":
+        with torch.no_grad():
+            h = model.forward_features(ids)
+            torch.testing.assert_close(logits, 2 * torch.nn.functional.linear(h, head.weight))
+    _, expected = joint_grads(model, ids, [16, 8], direct=False, autocast=False)
+    _, got = joint_grads(model, ids, [16, 8], direct=True, autocast=False)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_lm_head_gradients_close_under_bf16_autocast(tie):
+    """Under autocast the direct head multiplies in bf16 like autocast's linear (float32 `.grad`)."""
+    model = tiny_lm(tie)
+    ids = torch.randint(0, 29, (2, 9))
+    losses, expected = joint_grads(model, ids, [16, 8], direct=False, autocast=True)
+    losses_d, got = joint_grads(model, ids, [16, 8], direct=True, autocast=True)
+    torch.testing.assert_close(losses_d, losses, rtol=1e-2, atol=1e-2)
+    for name in expected:
+        e, g = expected[name], got[name]
+        assert g.dtype == torch.float32
+        assert ((g - e).norm() / e.norm().clamp_min(1e-12)).item() < 2e-2, name

@@ -9,6 +9,7 @@ from lit_matmamba.kernels import cross_entropy
 
 from .backbone import InferenceCache, MatMambaStack, NestedModel, Width
 from .config import MatMambaConfig
+from .nested_linear import direct_grads_apply, nested_linear
 
 
 class LMBackbone(MatMambaStack):
@@ -68,7 +69,22 @@ class MatMambaLM(NestedModel):
         self, input_ids: torch.Tensor, width: Width = None, cache: InferenceCache | None = None
     ) -> torch.Tensor:
         """input_ids: (B, L) -> logits (B, L, padded_vocab_size)."""
-        return self.lm_head(self.forward_features(input_ids, width, cache))
+        return self._logits(self.forward_features(input_ids, width, cache))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """`self.lm_head(h)`. Inside `direct_weight_grads()` (training), a plain `nn.Linear` head
+        without module hooks goes through `nested_linear`, whose backward adds the head's weight
+        gradient into `.grad` in place instead of autograd casting and adding a full-size temporary
+        at every width (`lit_matmamba.models.nested_linear`). Any other head runs its own forward."""
+        head = self.lm_head
+        if (
+            type(head) is nn.Linear
+            and not (head._forward_pre_hooks or head._forward_hooks)
+            and not (head._backward_pre_hooks or head._backward_hooks)
+            and direct_grads_apply(head.weight, head.bias)
+        ):
+            return nested_linear(h, head.weight, head.bias)
+        return head(h)
 
     def loss(self, input_ids: torch.Tensor, width: Width = None) -> torch.Tensor:
         """Mean next-token cross-entropy over (B, L-1) predictions, a 0-d float32 tensor (float64

@@ -16,6 +16,11 @@ autograd input of that multiply, so autograd hooks on the parameter (DDP's and F
 reduction, post-accumulate-grad hooks) do not see it, and `torch.autograd.grad(loss, weight)` does
 not return it. That is why it is off unless asked for; the training module turns it on for
 single-process training only (`lit_matmamba.training.parallel`).
+
+`MatMambaLM` computes its LM head (when it is a plain `nn.Linear`) through `nested_linear` too, so
+the full-size head gradient is accumulated into `.grad` in place at every width. When the head is
+tied to the embedding, the embedding's gradient still comes through autograd, which adds it into
+the existing `.grad` in place (or, arriving first, creates the `.grad` that the head then adds to).
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ def direct_weight_grads(enabled: bool = True) -> Iterator[None]:
         _DIRECT.reset(token)
 
 
+def direct_grads_apply(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `nested_linear(x, weight, bias, ...)` called now adds the weight (and bias) gradient
+    into `.grad` itself: inside `direct_weight_grads()`, with grad mode on, for leaf tensors that
+    require grad."""
+    return (
+        _DIRECT.get()
+        and torch.is_grad_enabled()
+        and weight.requires_grad
+        and weight.is_leaf
+        and (bias is None or (bias.requires_grad and bias.is_leaf))
+    )
+
+
 def nested_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -55,14 +73,7 @@ def nested_linear(
     whose backward sums the blocks' input gradients in the GEMMs instead of in a separate add.
     """
     blocks = rows if isinstance(rows, tuple) else (rows,)
-    direct = (
-        _DIRECT.get()
-        and torch.is_grad_enabled()
-        and weight.requires_grad
-        and weight.is_leaf
-        and (bias is None or (bias.requires_grad and bias.is_leaf))
-    )
-    if direct:
+    if direct_grads_apply(weight, bias):
         out = _DirectGradLinear.apply(x, weight, bias, blocks, cols)
     else:
         out = tuple(F.linear(x, weight[r, :cols], None if bias is None else bias[r]) for r in blocks)
