@@ -13,6 +13,7 @@ matmul ceiling measured here. Times are medians of CUDA-event-timed repeats afte
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -189,6 +190,10 @@ def main() -> None:
             ms_inf = bench(infer, reps=args.reps)
             mem = peak_mem(train_step)
             stock.zero_grad(set_to_none=True)
+            # The same model with bf16 weights, as it would be deployed: no casts in the forward.
+            stock_bf16 = copy.deepcopy(stock).to(torch.bfloat16)
+            ms_inf_bf16 = bench(lambda m=stock_bf16: infer(m), reps=args.reps)
+            del stock_bf16
             ft = flops_per_token(model, model.widths(w), training=True, seq_len=args.seq)
             rows.append(
                 dict(
@@ -196,12 +201,14 @@ def main() -> None:
                     width=w,
                     train_ms=ms_train,
                     infer_ms=ms_inf,
+                    infer_bf16_weights_ms=ms_inf_bf16,
                     peak_gib=mem,
                     train_mfu=mfu(ms_train, ft)[0],
                 )
             )
             print(
-                f"stock  w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  peak {mem:5.1f} GiB",
+                f"stock  w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  "
+                f"(bf16 weights {ms_inf_bf16:7.1f} ms)  peak {mem:5.1f} GiB",
                 flush=True,
             )
             del stock
@@ -238,12 +245,17 @@ def main() -> None:
                 graphed = GraphedForward(model, ids[:, :-1], width=w)
                 row["infer_graph_ms"] = bench(lambda g=graphed: g(ids[:, :-1]), reps=args.reps)
                 del graphed
+                # Serving: the linear weights cast to bf16 once, at capture (frozen_weights).
+                graphed = GraphedForward(model, ids[:, :-1], width=w, frozen_weights=True)
+                row["infer_graph_frozen_ms"] = bench(lambda g=graphed: g(ids[:, :-1]), reps=args.reps)
+                del graphed
             except Exception as err:  # noqa: BLE001 - report, keep benchmarking
                 row["infer_graph_error"] = repr(err)[:300]
         rows.append(row)
         print(
             f"nested w={w:5d} train {ms_train:8.1f} ms  infer {ms_inf:7.1f} ms  "
-            f"graph {row.get('infer_graph_ms', float('nan')):7.1f} ms  peak {mem:5.1f} GiB",
+            f"graph {row.get('infer_graph_ms', float('nan')):7.1f} ms  "
+            f"frozen {row.get('infer_graph_frozen_ms', float('nan')):7.1f} ms  peak {mem:5.1f} GiB",
             flush=True,
         )
         torch.cuda.empty_cache()
@@ -310,13 +322,26 @@ def main() -> None:
         f"\n== {args.preset} chunk {cfg.chunk_size} batch {args.batch} seq {args.seq} on {results['device']} "
         f"(matmul ceiling {results['matmul_tflops']:.0f} TFLOP/s)"
     )
+    # infer ms: eager under autocast; bf16 w: stock with bf16 weights; graph: nested, graphed;
+    # frozen: graphed with the weights cast once (frozen_weights); speedup: the faster stock
+    # inference over the faster nested graphed one, at the same width.
+    nan = float("nan")
     print(
-        f"{'kind':7s} {'width':>6s} {'train ms':>9s} {'infer ms':>9s} {'graph ms':>9s} {'MFU':>6s} {'GiB':>6s}"
+        f"{'kind':7s} {'width':>6s} {'train ms':>9s} {'infer ms':>9s} {'bf16 w':>8s} {'graph ms':>9s} "
+        f"{'frozen':>8s} {'speedup':>8s} {'MFU':>6s} {'GiB':>6s}"
     )
+    stock_by_width = {r["width"]: r for r in rows if r["kind"] == "stock"}
     for r in rows:
+        speedup = nan
+        if r["kind"] == "nested" and r["width"] in stock_by_width:
+            s = stock_by_width[r["width"]]
+            best_stock = min(s["infer_ms"], s["infer_bf16_weights_ms"])
+            graphed = [r[k] for k in ("infer_graph_ms", "infer_graph_frozen_ms") if k in r]
+            speedup = best_stock / min(graphed, default=nan)
         print(
             f"{r['kind']:7s} {r['width']:6d} {r['train_ms']:9.1f} {r['infer_ms']:9.1f} "
-            f"{r.get('infer_graph_ms', float('nan')):9.1f} {r['train_mfu']:6.1%} {r['peak_gib']:6.1f}"
+            f"{r.get('infer_bf16_weights_ms', nan):8.1f} {r.get('infer_graph_ms', nan):9.1f} "
+            f"{r.get('infer_graph_frozen_ms', nan):8.1f} {speedup:7.2f}x {r['train_mfu']:6.1%} {r['peak_gib']:6.1f}"
         )
     j = results["joint"]
     stock_sum = sum(r["train_ms"] for r in rows if r["kind"] == "stock")

@@ -110,6 +110,29 @@ def test_graphed_forward_equals_eager(width):
     assert rel(graphed(other), eager) < 1e-3
 
 
+def test_graphed_forward_with_frozen_weights_serves_them_until_refresh():
+    from lit_matmamba.graphs import GraphedForward
+
+    fast, _ = pair(torch.float32)
+    ids = torch.randint(0, 1000, (2, 128), device="cuda")
+
+    def eager():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return fast(ids, width=64)
+
+    graphed = GraphedForward(fast, ids, width=64, frozen_weights=True)
+    before = eager()
+    assert rel(graphed(ids), before) < 1e-3
+    for p in fast.parameters():
+        p.grad = torch.randn_like(p)
+    torch.optim.AdamW(fast.parameters(), lr=1e-2, fused=True).step()
+    after = eager()
+    assert rel(after, before) > 1e-2  # the step changed the model
+    assert rel(graphed(ids), before) < 1e-3  # frozen: the graph still serves the captured weights
+    graphed.refresh()
+    assert rel(graphed(ids), after) < 1e-3
+
+
 def test_graphed_joint_step_equals_the_eager_step():
     """Losses, gradient norm and every gradient of the replayed step equal plain autograd's
     (the graph uses direct weight gradients), on two different batches: the second replay
