@@ -28,8 +28,11 @@ from lit_matmamba.models import direct_weight_grads  # noqa: E402
 GIB = 2**30
 
 
-def peak(fn) -> tuple[float, float]:
-    """(peak allocated GiB during fn, allocated GiB before it), from cleared cuBLAS workspaces."""
+def peak(fn) -> tuple[float, float, float]:
+    """(peak allocated GiB during fn, allocated GiB before it, peak requested GiB during fn), from
+    cleared cuBLAS workspaces. Allocated counts the caching allocator's blocks, which can exceed the
+    bytes asked for (a block is not split when the rest would be small); requested counts the bytes
+    asked for, so the two show how much of a difference is the allocator's rounding."""
     torch.cuda.synchronize()
     if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
         torch._C._cuda_clearCublasWorkspaces()
@@ -38,7 +41,8 @@ def peak(fn) -> tuple[float, float]:
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB, before
+    requested = torch.cuda.memory_stats().get("requested_bytes.all.peak", float("nan")) / GIB
+    return torch.cuda.max_memory_allocated() / GIB, before, requested
 
 
 def main() -> None:
@@ -87,21 +91,27 @@ def main() -> None:
         single(w)
         model.zero_grad(set_to_none=True)
         say(f"warm-up width {w} done")
-    singles = {}
+    singles, singles_req = {}, {}
     for w in grans:
-        singles[w], _ = peak(lambda w=w: single(w))
+        singles[w], out["single_allocated_before_gib"], singles_req[w] = peak(lambda w=w: single(w))
         model.zero_grad(set_to_none=True)
-        say(f"width {w}: peak {singles[w]:.3f} GiB")
+        say(f"width {w}: peak {singles[w]:.3f} GiB (requested {singles_req[w]:.3f} GiB)")
     out["single_peak_gib"] = singles
+    out["single_requested_peak_gib"] = singles_req
     joint(True)  # creates the optimizer state
     say("optimizer state created")
     state_gib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) / GIB
     out["optimizer_state_gib"] = state_gib
     for name, direct in (("joint_direct", True), ("joint_autograd", False)):
-        out[name + "_peak_gib"], out["allocated_before_gib"] = peak(lambda d=direct: joint(d))
-        say(f"{name}: peak {out[name + '_peak_gib']:.3f} GiB")
+        out[name + "_peak_gib"], out["allocated_before_gib"], out[name + "_requested_peak_gib"] = peak(
+            lambda d=direct: joint(d)
+        )
+        say(
+            f"{name}: peak {out[name + '_peak_gib']:.3f} GiB (requested {out[name + '_requested_peak_gib']:.3f})"
+        )
     largest = max(singles.values())
     out["target_gib"] = largest + state_gib
+    out["target_requested_gib"] = max(singles_req.values()) + state_gib
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

@@ -58,6 +58,14 @@ TOL = {
     torch.float32: (1e-4, 1e-4) if DEVICE.type == "cpu" else (3e-3, 1e-2),
     torch.bfloat16: (3e-2, 3e-2),
 }
+# On a GPU, mamba-ssm's kernels take fp32 operands into tl.dot at TF32 precision (10-bit mantissa).
+# The per-head gradients dA, ddt_bias and dD sum over every token with cancellation, so their
+# relative error depends on how a kernel configuration blocks the dots: forcing each configuration
+# on the 1x16x2 shape (scripts/gpu_ssd_config_check.py, BENCHMARKS.md fifth run), three of 110 gave
+# 1.0e-2 to 1.3e-2 in dA or ddt_bias under TF32, and none was above 1e-2 with TRITON_F32_DEFAULT=ieee.
+# That fits the third run's failure at this shape (its tensor was not recorded), seen only when the
+# autotuner picked such a configuration.
+TF32_REDUCTIONS, TF32_REDUCTION_TOL = ("dA", "ddt_bias", "dD"), 3e-2
 # (bsz, seqlen, heads, headdim, ngroups, d_state, chunk): a partial last chunk, one chunk only,
 # two groups, a headdim that is not a power of two.
 SHAPES = [(2, 37, 4, 8, 1, 16, 16), (1, 16, 2, 8, 1, 16, 16), (2, 21, 4, 6, 2, 8, 16)]
@@ -86,6 +94,8 @@ def over_tolerance(errors: dict[str, float], dtype: torch.dtype) -> dict[str, tu
     """{name: (error, tolerance)} of the errors not below TOL[dtype] (outputs, gradients)."""
     out_tol, grad_tol = TOL[dtype]
     tols = {name: out_tol if name == "y" else grad_tol for name in errors}
+    if dtype == torch.float32 and DEVICE.type == "cuda":
+        tols.update({name: max(tols[name], TF32_REDUCTION_TOL) for name in TF32_REDUCTIONS if name in tols})
     return {name: (err, tols[name]) for name, err in errors.items() if not err < tols[name]}
 
 

@@ -12,8 +12,11 @@ Here that kernel is launched directly (not through its autotuner), with BLOCK_SI
 size, so that one block spans the chunk. The outputs equal the two separate kernels' up to float32
 rounding (tests/test_ssd_fused.py, path "fused-dda").
 
-Off unless LIT_MATMAMBA_FUSED_DDA=1. Whether this is faster on a GPU has not been measured yet: the
-one pass does the cumsum for every head, over rows the width of the chunk.
+Off unless LIT_MATMAMBA_FUSED_DDA=1: on an H200 it saved no clear time (BENCHMARKS.md, fifth run).
+The graphed joint step took 198.7 ms without and 199.5 ms with it at lm-130m (same GPU, one after
+the other); at lm-1.4b, 424.9 ms with it against 426.9 ms without, in two processes on one GPU
+(within the spread of repeated runs). Why the saved matmul does not show was not profiled. Its GPU
+tests pass.
 """
 
 from __future__ import annotations
