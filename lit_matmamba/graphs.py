@@ -38,7 +38,7 @@ class GraphedForward:
     capture, with the `nn.Linear` weights in it cast to the autocast dtype: replaying autocast's
     casts would re-read every float32 weight on each call (about 3% of a 1.4b forward). The graph
     serves the snapshot until `refresh()`: an optimizer step or `load_state_dict` afterwards is not
-    seen (fused optimizers do not bump the version counters, so it cannot be detected cheaply).
+    seen (fused AdamW does not even bump the version counters, so it cannot be detected cheaply).
     The snapshot costs 2 bytes per linear weight and a copy of the other parameters. Without it
     (default), every replay reads the current parameters and casts, as an eager autocast forward.
 
