@@ -14,13 +14,13 @@ forward and backward). With g = dloss/dpre (dy silu'(pre)), dx[t] = sum_s weight
 needs g at K consecutive times. A program owns R runs of CH consecutive times (tile row i = the run
 starting at T0 + i*CH) and walks them in lockstep, one time step u at a time: it loads x[u] and dy[u]
 (one (R, BLOCK_C) tile each; by default 4 steps an iteration, their loads pipelined by Triton into
-shared memory two iterations ahead, see `_BWD_VARIANTS`), keeps the last K inputs and the last K values of g in registers as a sliding window, and stores
-dx[u - (K-1)]. So x and dy are read once (plus a halo of K-1 steps per run) and no tensor is larger
-than one (R, BLOCK_C) tile; the weights are K channel vectors loaded once per program. dweight/dbias
-accumulate elementwise in (R, BLOCK_C) fp32 tiles, summed over the rows once per program, then
-reduced in two stages: fp32 partial sums per program, summed in PyTorch (deterministic, unlike
-atomics). dinitial_state (the gradient at the times -(K-1)..-1) comes from a small tile of program 0
-that recomputes g at the first steps.
+shared memory two iterations ahead, see `_BWD_VARIANTS`), keeps the last K inputs and the last K
+values of g in registers as a sliding window, and stores dx[u - (K-1)]. So x and dy are read once
+(plus a halo of K-1 steps per run) and no tensor is larger than one (R, BLOCK_C) tile; the weights
+are K channel vectors loaded once per program. dweight/dbias accumulate elementwise in (R, BLOCK_C)
+fp32 tiles, summed over the rows once per program, then reduced in two stages: fp32 partial sums per
+program, summed in PyTorch (deterministic, unlike atomics). dinitial_state (the gradient at the
+times -(K-1)..-1) comes from a small tile of program 0 that recomputes g at the first steps.
 
 Limits: K in 2..4; L * C < 2**31 (int32 offsets inside one sequence); fp32/bf16/fp16 (fp32 math).
 The block sizes are fixed, chosen for coalescing (each tile row is BLOCK_C contiguous channels) and
@@ -717,10 +717,9 @@ def _conv_bwd(
     if name not in _BWD_VARIANTS:
         raise ValueError(f"LIT_MATMAMBA_CONV_BWD={name!r}: not one of {sorted(_BWD_VARIANTS)}")
     variant = _BWD_VARIANTS[name]
-    rows = _BWD_ROWS
     # Runs of _BWD_CHUNK steps, shorter when the sequence does not fill the R rows of one program.
-    chunk = max(1, min(_BWD_CHUNK, triton.cdiv(seqlen, rows)))
-    n_time_programs = triton.cdiv(seqlen, rows * chunk)
+    chunk = max(1, min(_BWD_CHUNK, triton.cdiv(seqlen, _BWD_ROWS)))
+    n_time_programs = triton.cdiv(seqlen, _BWD_ROWS * chunk)
     dw_part = _empty((bsz, n_time_programs, k, channels), x, torch.float32)
     db_part = _empty((bsz, n_time_programs, channels), x, torch.float32)
     init = initial_state if initial_state is not None else x
@@ -754,7 +753,7 @@ def _conv_bwd(
         chunk,
         K=k,
         TAPS=_TAPS,
-        R=rows,
+        R=_BWD_ROWS,
         BLOCK_C=block_c,
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
