@@ -140,9 +140,34 @@ def conv_bwd_variants() -> list[str]:
 def test_causal_conv1d_bwd_variants_match_reference(monkeypatch, variant, bsz, seqlen, channels, k, bias, init,
                                                     act, dtype, extra):  # fmt: skip
     kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
+    monkeypatch.delenv("LIT_MATMAMBA_CONV_BWD", raising=False)  # it would override the variant
     monkeypatch.setattr(kernel, "_BWD_VARIANT", variant)
     monkeypatch.setattr(kernel, "_BWD_CHUNK", 6)  # short runs: tiny sequences span several programs
     check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra)
+
+
+@requires_triton
+def test_causal_conv1d_bwd_variant_from_the_environment(monkeypatch):
+    """LIT_MATMAMBA_CONV_BWD picks the variant (benchmarks' A/B); an unknown name is a clear error."""
+    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
+    launched = []
+    real = kernel._conv_bwd_kernel
+
+    class Spy:  # records the variant's constexprs, then launches the real kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["UNROLL"], kwargs["STAGES"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernel, "_conv_bwd_kernel", Spy())
+    monkeypatch.setenv("LIT_MATMAMBA_CONV_BWD", "prefetch1")
+    check_conv(1, 20, 5, 4, True, False, True, torch.float32, {})
+    assert launched == [(1, None)]
+    monkeypatch.setenv("LIT_MATMAMBA_CONV_BWD", "no-such-variant")
+    with pytest.raises(ValueError, match="LIT_MATMAMBA_CONV_BWD='no-such-variant': not one of"):
+        check_conv(1, 20, 5, 4, True, False, True, torch.float32, {})
 
 
 @requires_triton
