@@ -99,7 +99,10 @@ class _Snapshot:
         }
         self.sources = dict(model.named_parameters(remove_duplicate=False))
         self.tensors = {
-            name: p.detach().to(dtype) if name in linear and p.is_floating_point() else p.detach().clone()
+            # copy=True: a weight already in `dtype` must not be aliased, or the snapshot would follow it.
+            name: p.detach().to(dtype, copy=True)
+            if name in linear and p.is_floating_point()
+            else p.detach().clone()
             for name, p in self.sources.items()
         }
 

@@ -40,6 +40,14 @@ def test_snapshot_holds_every_parameter_linear_weights_cast_and_refreshes_in_pla
     assert [t.data_ptr() for t in snap.tensors.values()] == pointers  # in place: graphs read these
 
 
+def test_snapshot_of_a_bf16_model_copies_its_weights():
+    """A linear weight already in the cast dtype is copied too: the snapshot never aliases a parameter."""
+    model = tiny_lm().to(torch.bfloat16)
+    snap = _Snapshot(model, torch.bfloat16)
+    pointers = {p.data_ptr() for p in model.parameters()}
+    assert not pointers & {t.data_ptr() for t in snap.tensors.values()}
+
+
 def test_forward_on_the_snapshot_equals_autocast():
     """What GraphedForward(frozen_weights=True) captures: the model under autocast on the snapshot.
     Autocast casts to the same values, so the logits agree up to the order of bf16 products."""
