@@ -1,5 +1,8 @@
 """Peak GPU memory of the joint training step against the largest single width's step plus the
-optimizer state (issue 5's memory target), each measured from the same clean start.
+optimizer state (issue 5's memory target), each measured from the same clean start. A single
+width's step is the joint step's code with that one width, so the two differ only in the widths.
+Set PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True) to measure another allocator setting;
+the JSON records it.
 
     python scripts/gpu_memory_check.py --preset lm-1.4b --batch 8 --out $OUT/memory-1.4b.json
 
@@ -65,14 +68,16 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16), direct_weight_grads(direct):
             return model.loss(ids, width)
 
-    def single(width):
-        loss_at(width, False).backward()
+    def forward_backward(widths, direct):
+        """The training step's forward and backward (`MatMambaModule.training_step`): each width's
+        loss, weighted, backpropagated before the next width's forward."""
+        for w in widths:
+            (loss_at(w, direct) * (1.0 / len(widths))).backward()
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def joint(direct):
-        for w in grans:
-            (loss_at(w, direct) / len(grans)).backward()
+        forward_backward(grans, direct)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,39 +91,54 @@ def main() -> None:
         batch=args.batch,
         seq=args.seq,
         device=torch.cuda.get_device_name(),
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     )
+    modes = (("direct", True), ("autograd", False))
     for w in grans:  # warm-up (autotuning), then the measurement, from no gradients
-        single(w)
+        forward_backward([w], False)
         model.zero_grad(set_to_none=True)
         say(f"warm-up width {w} done")
-    singles, singles_req = {}, {}
-    for w in grans:
-        singles[w], out["single_allocated_before_gib"], singles_req[w] = peak(lambda w=w: single(w))
-        model.zero_grad(set_to_none=True)
-        say(f"width {w}: peak {singles[w]:.3f} GiB (requested {singles_req[w]:.3f} GiB)")
-    out["single_peak_gib"] = singles
-    out["single_requested_peak_gib"] = singles_req
+    # A single width's step is the same code with one width (weight 1): what training that width
+    # alone runs, in each mode of weight gradients.
+    for mode, direct in modes:
+        singles, singles_req = {}, {}
+        for w in grans:
+            singles[w], out["single_allocated_before_gib"], singles_req[w] = peak(
+                lambda w=w, d=direct: forward_backward([w], d)
+            )
+            model.zero_grad(set_to_none=True)
+            say(f"{mode}, width {w}: peak {singles[w]:.3f} GiB (requested {singles_req[w]:.3f} GiB)")
+        out[f"single_{mode}_peak_gib"] = singles
+        out[f"single_{mode}_requested_peak_gib"] = singles_req
     joint(True)  # creates the optimizer state
     say("optimizer state created")
     state_gib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) / GIB
     out["optimizer_state_gib"] = state_gib
-    for name, direct in (("joint_direct", True), ("joint_autograd", False)):
-        out[name + "_peak_gib"], out["allocated_before_gib"], out[name + "_requested_peak_gib"] = peak(
-            lambda d=direct: joint(d)
+    for mode, direct in modes:
+        (
+            out[f"joint_{mode}_peak_gib"],
+            out["allocated_before_gib"],
+            out[f"joint_{mode}_requested_peak_gib"],
+        ) = peak(lambda d=direct: joint(d))
+        out[f"target_{mode}_gib"] = max(out[f"single_{mode}_peak_gib"].values()) + state_gib
+        out[f"target_{mode}_requested_gib"] = (
+            max(out[f"single_{mode}_requested_peak_gib"].values()) + state_gib
         )
         say(
-            f"{name}: peak {out[name + '_peak_gib']:.3f} GiB (requested {out[name + '_requested_peak_gib']:.3f})"
+            f"joint, {mode}: peak {out[f'joint_{mode}_peak_gib']:.4f} GiB vs target {out[f'target_{mode}_gib']:.4f} "
+            f"(requested {out[f'joint_{mode}_requested_peak_gib']:.4f} vs {out[f'target_{mode}_requested_gib']:.4f})"
         )
-    largest = max(singles.values())
-    out["target_gib"] = largest + state_gib
-    out["target_requested_gib"] = max(singles_req.values()) + state_gib
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
-    print(
-        f"joint peak {out['joint_direct_peak_gib']:.3f} GiB (direct grads), {out['joint_autograd_peak_gib']:.3f} GiB "
-        f"(autograd) vs largest single width {largest:.3f} + optimizer state {state_gib:.3f} = {out['target_gib']:.3f} GiB"
-    )
+    for mode, _ in modes:
+        over = (out[f"joint_{mode}_peak_gib"] - out[f"target_{mode}_gib"]) * 1024
+        over_req = (out[f"joint_{mode}_requested_peak_gib"] - out[f"target_{mode}_requested_gib"]) * 1024
+        print(
+            f"{mode} weight gradients: joint peak {out[f'joint_{mode}_peak_gib']:.4f} GiB vs largest single width "
+            f"+ optimizer state {out[f'target_{mode}_gib']:.4f} GiB: {over:+.1f} MiB allocated, "
+            f"{over_req:+.4f} MiB requested"
+        )
 
 
 if __name__ == "__main__":

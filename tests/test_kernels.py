@@ -204,9 +204,59 @@ def norm_case(bsz, seqlen, d, ngroups, z="view", norm_before_gate=False, dtype=t
         norm_case(2, 5, 24, 2, z="transposed", norm_before_gate=True, dtype=torch.bfloat16),
         norm_case(1, 7, 40, 5, z="transposed"),
         norm_case(2, 9, 16, 2, z="none", dtype=torch.float16),
+        # Tiles of 2048 elements forward, 4096 backward (groups padded); 4 backward programs per
+        # group at most on CPU.
+        norm_case(
+            2, 75, 24, 1, dtype=torch.bfloat16
+        ),  # 3 forward tiles of 64 rows, the last partial; 2 backward programs
+        norm_case(
+            2, 25, 2000, 1, dtype=torch.bfloat16
+        ),  # 4 backward programs of 7 tiles of 2 rows, the last 4 tiles
+        norm_case(
+            3, 50, 48, 2, z="transposed", norm_before_gate=True
+        ),  # 2 groups side by side, 2 programs each
     ],
 )
-def test_gated_rmsnorm_matches_reference(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype):
+def test_gated_rmsnorm_matches_reference(
+    monkeypatch, bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype
+):
+    monkeypatch.delenv("LIT_MATMAMBA_NORM_TILES", raising=False)  # it would override the tiles
+    check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype)
+
+
+@requires_triton
+def test_gated_rmsnorm_tiles_from_the_environment(monkeypatch):
+    """LIT_MATMAMBA_NORM_TILES sets the tiles (benchmarks' A/B; "1,1": one row a tile) and the
+    results still match the reference; a malformed value is a clear error."""
+    kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
+    launched = []
+
+    class Spy:  # records each launch's rows a tile, then launches the real kernel
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["BLOCK_M"])
+                return self.real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernel, "_norm_fwd_kernel", Spy(kernel._norm_fwd_kernel))
+    monkeypatch.setattr(kernel, "_norm_bwd_kernel", Spy(kernel._norm_bwd_kernel))
+    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "1,1")
+    check_norm(2, 25, 24, 1, "view", False, torch.float32)
+    assert launched == [1, 1]
+    launched.clear()
+    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "64,128")
+    check_norm(2, 25, 24, 1, "view", False, torch.float32)
+    assert launched == [2, 4]  # tiles of 2 and 4 rows of 32 (24 padded)
+    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "2048")
+    with pytest.raises(ValueError, match="LIT_MATMAMBA_NORM_TILES='2048': expected two integers"):
+        check_norm(2, 25, 24, 1, "view", False, torch.float32)
+
+
+def check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype):
     """x contiguous; z a slice of a wider projection output ("view": rows strided) or a transposed
     tensor ("transposed": rows not mergeable, so the launcher copies); weight a prefix view."""
     x = torch.randn(bsz, seqlen, d, device=DEVICE).to(dtype)

@@ -7,24 +7,34 @@ stride. Inside, z is read as (M, heads, P) with a stride per head, so the fused 
 (`kernels/ssd/fused.py`) passes z = zdt[..., :P] of a (B, L, h, P+1) projection without the copy
 that flattening its heads would make, and gets dz written into the matching view of its gradient.
 
-Forward: one program per (row, group) holds the whole group in registers, statistics in float32;
-the reciprocal RMS is saved (ngroups, M). Backward: a fixed number of programs per group each walk a
-contiguous range of rows, recomputing x * silu(z) and writing dx and dz; dweight is summed in float32
-per program and the partial sums are reduced in PyTorch (deterministic, no atomics).
+Both kernels work on (BLOCK_M, group) tiles, a group padded to a power of 2 and BLOCK_M rows
+batched so that a program keeps enough loads in flight (`kernels/tiling.py`); statistics in float32.
+Forward: one program per (tile, group); the reciprocal RMS is saved (ngroups, M). Backward: a fixed
+number of programs per group each walk a contiguous range of rows, recomputing x * silu(z) and
+writing dx and dz; dweight is summed in float32 per program and the partial sums are reduced in
+PyTorch (deterministic, no atomics). Before tiling (one row a program, or a program's loop step)
+the backward streamed about half the bandwidth that add + RMSNorm's tiled backward does
+(BENCHMARKS.md, sixth run).
 """
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import tiling
 from ..backend import empty_output as _empty
 
 # One group must fit in one program's registers; 64 KiB of input per row, like mamba-ssm's kernel.
 _MAX_FUSED_BYTES = 65536
+# Elements of a program's (BLOCK_M, group) tile (`kernels/tiling.py`). The forward's is add +
+# RMSNorm's, chosen on an H200; the backward's is half of add + RMSNorm's, as it keeps about twice
+# as many values per element (x, z, dy and their products) live in registers.
+_FWD_TILE = 2048
+_BWD_TILE = 4096
 
 
 @triton.jit
@@ -46,29 +56,34 @@ def _norm_fwd_kernel(
     stride_w,
     stride_ym,
     stride_yn,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GATE_IN: tl.constexpr,
     GATE_OUT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # int64 row offsets: M * stride may exceed 2**31
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
     ch = group * N + cols  # channels of this group
-    x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + (ch * stride_xn)[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)  # (BLOCK_M, BLOCK_N)
     if GATE_IN or GATE_OUT:
-        z_off = row * stride_zm + (ch // z_head) * stride_zh + (ch % z_head) * stride_zn
-        z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+        z_col = (ch // z_head) * stride_zh + (ch % z_head) * stride_zn  # z is a (M, heads, z_head) view
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + z_col[None, :], mask=mask, other=0.0).to(tl.float32)
         silu_z = z * tl.sigmoid(z)
     if GATE_IN:
         x *= silu_z
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-    tl.store(rstd_ptr + group * M + row, rstd)
-    w = tl.load(w_ptr + ch * stride_w, mask=mask, other=0.0).to(tl.float32)
-    y = x * rstd * w
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
+    tl.store(rstd_ptr + group * M + rows, rstd, mask=row_mask)
+    w = tl.load(w_ptr + ch * stride_w, mask=col_mask, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
     if GATE_OUT:
         y *= silu_z
-    tl.store(y_ptr + row * stride_ym + ch * stride_yn, y, mask=mask)
+    tl.store(y_ptr + rows[:, None] * stride_ym + (ch * stride_yn)[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -98,6 +113,7 @@ def _norm_bwd_kernel(
     stride_dzm,
     stride_dzh,
     stride_dzn,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GATE_IN: tl.constexpr,
     GATE_OUT: tl.constexpr,
@@ -106,58 +122,70 @@ def _norm_bwd_kernel(
     pid = tl.program_id(0)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_mask = cols < N
     ch = group * N + cols
     head, in_head = ch // z_head, ch % z_head  # z and dz are (M, heads, z_head) views
-    w = tl.load(w_ptr + ch * stride_w, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * stride may exceed 2**31
+    x_col, dy_col, dx_col = ch * stride_xn, ch * stride_dyn, ch * stride_dxn
+    z_col, dz_col = head * stride_zh + in_head * stride_zn, head * stride_dzh + in_head * stride_dzn
+    w = tl.load(w_ptr + ch * stride_w, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, at the end
+    row_start = pid.to(tl.int64) * rows_per_program  # a multiple of BLOCK_M
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
-        x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * stride_dym + ch * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + group * M + row)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + x_col[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + dy_col[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+        rstd = tl.load(rstd_ptr + group * M + rows, mask=row_mask, other=0.0)  # 0 for masked rows: no dw
         u = x  # the normalised input: x * silu(z) when gated before the norm
         if GATE_IN or GATE_OUT:
-            z_off = row * stride_zm + head * stride_zh + in_head * stride_zn
-            z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + z_col[None, :], mask=mask, other=0.0)
+            z = z.to(tl.float32)
             sig = tl.sigmoid(z)
             silu_z = z * sig
             dsilu_z = sig * (1.0 + z * (1.0 - sig))
         if GATE_IN:
             u = x * silu_z
-        u_hat = u * rstd
+        u_hat = u * rstd[:, None]
         if GATE_OUT:  # y = u_hat * w * silu(z)
-            dz = dy * u_hat * w * dsilu_z
+            dz = dy * u_hat * w[None, :] * dsilu_z
             dy = dy * silu_z
         dw += dy * u_hat
-        du_hat = dy * w
+        du_hat = dy * w[None, :]
         # d/du of u * rstd(u), rstd = (mean(u^2) + eps)^-1/2
-        du = (du_hat - u_hat * (tl.sum(du_hat * u_hat, axis=0) / N)) * rstd
+        du = (du_hat - u_hat * (tl.sum(du_hat * u_hat, axis=1) / N)[:, None]) * rstd[:, None]
         if GATE_IN:  # u = x * silu(z)
             dz = du * x * dsilu_z
             du = du * silu_z
-        tl.store(dx_ptr + row * stride_dxm + ch * stride_dxn, du, mask=mask)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + dx_col[None, :], du, mask=mask)
         if STORE_DZ:
-            tl.store(dz_ptr + row * stride_dzm + head * stride_dzh + in_head * stride_dzn, dz, mask=mask)
-    tl.store(dw_part_ptr + pid * (N * tl.num_programs(1)) + ch, dw, mask=mask)
+            tl.store(dz_ptr + rows[:, None] * stride_dzm + dz_col[None, :], dz, mask=mask)
+    tl.store(dw_part_ptr + pid * (N * tl.num_programs(1)) + ch, tl.sum(dw, axis=0), mask=col_mask)
 
 
-def _block_and_warps(group_size: int, x: torch.Tensor) -> tuple[int, int]:
+def _block_n(group_size: int, x: torch.Tensor) -> int:
     block_n = triton.next_power_of_2(group_size)
     if block_n * x.element_size() > _MAX_FUSED_BYTES:
         raise ValueError(
             f"gated_rmsnorm_triton: group_size {group_size} exceeds {_MAX_FUSED_BYTES // x.element_size()} "
             f"channels for {x.dtype}; use more groups or the reference backend"
         )
-    return block_n, min(max(block_n // 256, 1), 16)
+    return block_n
 
 
-def _backward_programs(rows: int, ngroups: int, device: torch.device) -> int:
-    """Programs per group in the backward: a few waves over the GPU, each summing many rows of dweight."""
-    # Under TRITON_INTERPRET=1 (CPU): few programs, so that tests cover several rows per program.
-    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(rows, math.ceil(slots / ngroups)))
+def _tiles() -> tuple[int, int]:
+    """(forward, backward) elements of a tile; LIT_MATMAMBA_NORM_TILES="fwd,bwd" overrides them
+    (benchmarks time settings through it, e.g. "1,1": one row a tile, the kernels before tiling)."""
+    spec = os.environ.get("LIT_MATMAMBA_NORM_TILES")
+    if spec is None:
+        return _FWD_TILE, _BWD_TILE
+    try:
+        fwd, bwd = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f'LIT_MATMAMBA_NORM_TILES={spec!r}: expected two integers, "fwd,bwd"') from None
+    return fwd, bwd
 
 
 def _heads(z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -172,11 +200,12 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
     projection holding z and dt per head). Returns y (M, d) and rstd (G, M)."""
     rows, channels = x.shape
     ngroups = channels // group_size
-    block_n, num_warps = _block_and_warps(group_size, x)
+    block_n = _block_n(group_size, x)
+    block_m = tiling.block_m(block_n, rows, _tiles()[0])
     y = _empty((rows, channels), x, x.dtype)  # (M, d)
     rstd = _empty((ngroups, rows), x, torch.float32)  # (G, M)
     z3 = _heads(z, x)  # (M, h, P)
-    _norm_fwd_kernel[(rows, ngroups)](
+    _norm_fwd_kernel[(triton.cdiv(rows, block_m), ngroups)](
         x,
         z3,
         weight,
@@ -190,10 +219,11 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
         z3.shape[-1],
         weight.stride(0),
         *y.stride(),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
-        num_warps=num_warps,
+        num_warps=tiling.num_warps(block_m * block_n),
     )
     return y, rstd
 
@@ -203,12 +233,13 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
     of a larger gradient buffer; else a new (M, d) or (M, h, P) tensor), dweight."""
     rows, channels = x.shape
     ngroups = channels // group_size
-    block_n, num_warps = _block_and_warps(group_size, x)
+    block_n = _block_n(group_size, x)
+    block_m = tiling.block_m(block_n, rows, _tiles()[1])
     dx = _empty((rows, channels), x, x.dtype)  # (M, d)
     if need_dz and dz is None:
         dz = _empty(z.shape, x, z.dtype)
-    n_programs = _backward_programs(rows, ngroups, x.device)
-    rows_per_program = math.ceil(rows / n_programs)
+    rows_per_program = tiling.backward_rows_per_program(rows, block_m, x.device, programs_per_row=ngroups)
+    n_programs = max(triton.cdiv(rows, rows_per_program), 1)  # no rows: one program writes dweight = 0
     dw_part = _empty((n_programs, channels), x, torch.float32)
     z3 = _heads(z, x)  # (M, h, P)
     dz3 = _heads(dz, x) if need_dz else z3
@@ -231,11 +262,12 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
         *dy.stride(),
         *dx.stride(),
         *dz3.stride(),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
         STORE_DZ=need_dz,
-        num_warps=num_warps,
+        num_warps=tiling.num_warps(block_m * block_n),
     )
     return dx, dz if need_dz else None, dw_part.sum(0).to(weight.dtype)
 
