@@ -16,7 +16,7 @@ S=scripts/gpu_chunk_sweep.sh; export SWEEP_TIMEOUT=230; OLD="LIT_MATMAMBA_NORM_T
 (export CUDA_VISIBLE_DEVICES=3 OUT=/tmp/o3; bash $S lm-130m 16 128; env $OLD bash $S lm-130m 16 128
  timeout 150 python3 scripts/gpu_memory_check.py --preset lm-130m --batch 16 --out /tmp/o3/memory-lm-130m.json > /tmp/o3/memory-130m.log 2>&1) > /tmp/o3/ab.log 2>&1 &
 # Whatever is still running at 540 s is stopped, so that what finished comes back.
-for t in $(seq 54); do [ -z "$(jobs -r)" ] && break; sleep 10; done; pkill -f scripts/gpu_ 2>/dev/null; pkill -f pytest 2>/dev/null
+for t in $(seq 54); do [ -z "$(jobs -r)" ] && break; sleep 10; done; pkill -f "python3 scripts/gpu_" 2>/dev/null; pkill -f "python3 -m pytest" 2>/dev/null
 tail -n 12 /tmp/o0/norm-sweep.log; tail -n 3 /tmp/o0/pytest*.log; tail -n 2 /tmp/o*/memory*.log
 cat /tmp/o*/chunk-sweep.jsonl | python3 -c "import sys,json;[print(d['preset'],d['env'],round(d['joint']['graph']['ms'],1)) for d in map(json.loads,sys.stdin)]"
 tar czf $OUT/all.tgz -C /tmp o0 o1 o2 o3
