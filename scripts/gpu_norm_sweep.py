@@ -1,10 +1,12 @@
-"""Time the gated RMSNorm kernels' tile sizes (`kernels/gated_rmsnorm/kernel.py`, `_FWD_TILE` and
-`_BWD_TILE`, in elements) as the fused mixer core calls them: bf16, y (B*L, kP) contiguous, z a
-(B*L, k, P) view of the (B, L, k, P + 1) in_proj output, dz written into the same view of its
-gradient, at every width of the LM presets (B x L = 8 x 1024 for 1.4b, 16 x 1024 for 130m). "1,1" is
-one row a tile, as the kernels were before tiling. Each result (y, rstd; dx, dz, dweight) is
-checked against the default tiles; the script exits with status 1 if a relative difference exceeds
---tol or a setting fails.
+"""Time the gated RMSNorm backward's variants (`kernels/gated_rmsnorm/kernel.py`, `_BWD_VARIANTS`) as
+the fused mixer core calls it: bf16, y (B*L, kP) contiguous, z a (B*L, k, P) view of the
+(B, L, k, P + 1) in_proj output, dz written into the same view of its gradient, at every width of the
+LM presets (B x L = 8 x 1024 for 1.4b, 16 x 1024 for 130m). The forward is timed once per width.
+Then the column sums of the norms' partial weight gradients: `partial_sums.sum_rows` against
+`parts.sum(0)` at the shapes a joint step sums.
+
+Each variant's dx, dz and dweight are checked against the "rows" variant; the script exits with
+status 1 if a relative difference exceeds --tol or a variant fails.
 
     python scripts/gpu_norm_sweep.py --out $OUT/norm-sweep.json
 """
@@ -30,31 +32,22 @@ PRESETS = {"lm-1.4b": 8, "lm-130m": 16}  # preset: batch
 SEQLEN = 1024
 
 
-def parse_tiles(spec: str) -> tuple[int, int]:
-    fwd, bwd = (int(v) for v in spec.split(","))
-    return fwd, bwd
-
-
 def main() -> None:
     kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
+    partial_sums = importlib.import_module("lit_matmamba.kernels.partial_sums")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--tiles",
-        nargs="+",
-        type=parse_tiles,
-        default=[(1, 1), (1024, 2048), (2048, 4096), (2048, 8192), (4096, 4096)],
-        help='"fwd,bwd" tile sizes in elements',
+        "--variants", nargs="+", default=list(kernel._BWD_VARIANTS), choices=list(kernel._BWD_VARIANTS)
     )
-    ap.add_argument(
-        "--tol", type=float, default=1e-4, help="largest relative difference accepted vs the default"
-    )
+    ap.add_argument("--tol", type=float, default=1e-4, help="largest relative difference accepted vs rows")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "norm-sweep.json"))
     args = ap.parse_args()
-    if "LIT_MATMAMBA_NORM_TILES" in os.environ:
-        sys.exit("unset LIT_MATMAMBA_NORM_TILES: the sweep sets the tiles itself")
+    if "LIT_MATMAMBA_NORM_BWD" in os.environ:
+        sys.exit("unset LIT_MATMAMBA_NORM_BWD: the sweep sets the variant itself")
 
-    default = (kernel._FWD_TILE, kernel._BWD_TILE)
-    rows, failures = [], []
+    default = kernel._BWD_VARIANT
+    rows, sums, failures = [], [], []
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     warm = True
     for preset, bsz in PRESETS.items():
@@ -65,7 +58,7 @@ def main() -> None:
             m, d = bsz * SEQLEN, k * P
             y = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)  # (M, kP): the scan's output
             zdt = torch.randn(m, k, P + 1, device="cuda", dtype=torch.bfloat16)  # (M, k, P + 1)
-            dzdt = torch.empty_like(zdt)
+            dzdt = torch.zeros_like(zdt)
             dout = torch.randn_like(y)  # (M, kP)
             w = 1 + 0.3 * torch.randn(d, device="cuda")  # (kP,)
             z, dz = zdt[..., :P], dzdt[..., :P]  # (M, k, P) views
@@ -74,59 +67,72 @@ def main() -> None:
             def fwd(y=y, z=z, w=w, d=d, eps=eps):
                 return kernel._norm_fwd(y, z, w, eps, d, True, False)
 
-            def bwd(rstd, y=y, z=z, w=w, d=d, dout=dout, dz=dz):
-                dx, _, dw = kernel._norm_bwd(y, z, w, rstd, dout, d, True, False, True, dz=dz)
-                return dx, dz.clone(), dw
+            rstd = fwd()[1]  # (1, M)
 
-            kernel._FWD_TILE, kernel._BWD_TILE = default
-            ref_fwd = fwd()
-            ref_bwd = bwd(ref_fwd[1])
+            def bwd(y=y, z=z, w=w, d=d, dout=dout, dz=dz, rstd=rstd):
+                dx, _, dw = kernel._norm_bwd(y, z, w, rstd, dout, d, True, False, True, dz=dz)
+                return dx, dw
+
             if warm:  # a freshly started GPU times slower at first (BENCHMARKS.md, call 5a)
                 triton.testing.do_bench(fwd, rep=2000)
                 warm = False
-            for tiles in args.tiles:
-                kernel._FWD_TILE, kernel._BWD_TILE = tiles
-                row = dict(preset=preset, width=width, channels=d, fwd_tile=tiles[0], bwd_tile=tiles[1])
+            fwd_us = triton.testing.do_bench(fwd) * 1e3
+            nbytes = y.numel() * y.element_size()
+            print(f"{preset:8s} d={d:5d} forward: {fwd_us:7.1f} us ({3 * nbytes / fwd_us / 1e3:5.0f} GB/s)")
+            ref = None
+            for variant in ["rows"] + [v for v in args.variants if v != "rows"]:
+                kernel._BWD_VARIANT = variant
+                row = dict(preset=preset, width=width, channels=d, variant=variant, fwd_us=fwd_us)
                 try:
-                    out_fwd = fwd()
-                    out_bwd = bwd(out_fwd[1])
-                    row["max_rel_err"] = max(
-                        rel_err(o, r) for o, r in zip((*out_fwd, *out_bwd), (*ref_fwd, *ref_bwd))
-                    )
-                    row["fwd_us"] = triton.testing.do_bench(fwd) * 1e3
-                    row["bwd_us"] = triton.testing.do_bench(lambda b=bwd, r=ref_fwd[1]: b(r)) * 1e3
-                except Exception as e:  # a setting that fails to compile or run must not end the sweep
+                    dx, dw = bwd()
+                    out = (dx, dz.clone(), dw)
+                    ref = ref or out
+                    row["max_rel_err"] = max(rel_err(o, r) for o, r in zip(out, ref))
+                    row["bwd_us"] = triton.testing.do_bench(bwd) * 1e3
+                except Exception as e:  # a variant that fails to compile or run must not end the sweep
                     row["error"] = f"{type(e).__name__}: {e}"
                     failures.append(row)
-                    print(f"{preset:8s} d={d:5d} tiles {tiles}: {row['error']}", flush=True)
+                    print(f"{preset:8s} d={d:5d} {variant}: {row['error']}", flush=True)
                     continue
                 finally:
-                    kernel._FWD_TILE, kernel._BWD_TILE = default
+                    kernel._BWD_VARIANT = default
                 rows.append(row)
                 if row["max_rel_err"] > args.tol:
                     failures.append(row)
-                nbytes = y.numel() * y.element_size()
-                # Bytes the kernels must move: forward y, z in and out; backward y, z, dout in, dx, dz out.
+                # Bytes the backward must move: y, z, dout in; dx, dz out.
                 print(
-                    f"{preset:8s} d={d:5d} tiles {tiles[0]:5d},{tiles[1]:5d}: fwd {row['fwd_us']:7.1f} us "
-                    f"({3 * nbytes / row['fwd_us'] / 1e3:5.0f} GB/s), bwd {row['bwd_us']:7.1f} us "
-                    f"({5 * nbytes / row['bwd_us'] / 1e3:5.0f} GB/s), max rel diff vs default "
-                    f"{row['max_rel_err']:.1e}",
+                    f"{preset:8s} d={d:5d} {variant:18s}: backward {row['bwd_us']:7.1f} us "
+                    f"({5 * nbytes / row['bwd_us'] / 1e3:5.0f} GB/s), max rel diff vs rows {row['max_rel_err']:.1e}",
                     flush=True,
+                )
+            # The weight gradient's partial sums: (programs, channels) float32, 4 programs an SM.
+            for name, parts in (
+                ("gated norm", torch.randn(4 * sm, d, device="cuda")),
+                ("add + RMSNorm", torch.randn(512, cfg.d_model, device="cuda")),
+            ):
+                entry = dict(preset=preset, op=name, shape=list(parts.shape))
+                entry["rel_err"] = rel_err(partial_sums.sum_rows(parts), parts.double().sum(0))
+                entry["torch_us"] = triton.testing.do_bench(lambda p=parts: p.sum(0)) * 1e3
+                entry["sum_rows_us"] = triton.testing.do_bench(lambda p=parts: partial_sums.sum_rows(p)) * 1e3
+                sums.append(entry)
+                if entry["rel_err"] > 1e-6:
+                    failures.append(entry)
+                print(
+                    f"{preset:8s} {name:13s} partial sums {tuple(parts.shape)}: torch {entry['torch_us']:5.1f} us, "
+                    f"sum_rows {entry['sum_rows_us']:5.1f} us, rel err {entry['rel_err']:.1e}"
                 )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
-            dict(device=torch.cuda.get_device_name(), default=default, rows=rows, failures=failures), indent=2
+            dict(device=torch.cuda.get_device_name(), rows=rows, partial_sums=sums, failures=failures),
+            indent=2,
         )
     )
     for preset in PRESETS:
-        print(f"{preset}: sum over the widths, forward + backward, us")
-        for tiles in args.tiles:
-            sel = [r for r in rows if r["preset"] == preset and (r["fwd_tile"], r["bwd_tile"]) == tiles]
-            if sel:
-                fwd_sum, bwd_sum = sum(r["fwd_us"] for r in sel), sum(r["bwd_us"] for r in sel)
-                print(f"  tiles {tiles[0]:5d},{tiles[1]:5d}: fwd {fwd_sum:7.1f}  bwd {bwd_sum:7.1f}")
+        print(f"{preset}: backward summed over the widths, us")
+        for variant in args.variants:
+            sel = [r["bwd_us"] for r in rows if r["preset"] == preset and r["variant"] == variant]
+            print(f"  {variant:18s} {sum(sel):7.1f}")
     if failures:
         print(f"{len(failures)} failures: {failures}")
         sys.exit(1)

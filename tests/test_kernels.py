@@ -184,6 +184,37 @@ def test_causal_conv1d_final_state_continues_the_sequence():
 
 
 # ---------------------------------------------------------------------------------------------------
+# column sums of partial sums (the norms' weight gradients)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "rows, cols, dtype",
+    [(1, 5, torch.float32), (300, 70, torch.float32), (528, 192, torch.float64), (7, 33, torch.float32)],
+    ids=["one-row", "3-row-tiles-3-strips", "fp64", "a-strip-of-one-column"],
+)
+def test_sum_rows_matches_torch(rows, cols, dtype):
+    """(128, 32) tiles: several row tiles and column strips, the last ones partial; a row view."""
+    from lit_matmamba.kernels.partial_sums import sum_rows
+
+    base = torch.randn(rows, cols + 3, device=DEVICE, dtype=dtype)
+    parts = base[:, :cols]  # rows strided by cols + 3
+    out = sum_rows(parts)
+    assert out.dtype == dtype and out.shape == (cols,)
+    torch.testing.assert_close(out, parts.sum(0), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-5)
+
+
+@requires_triton
+def test_sum_rows_rejects_what_it_cannot_read():
+    from lit_matmamba.kernels.partial_sums import sum_rows
+
+    with pytest.raises(ValueError, match="unit column stride"):
+        sum_rows(torch.randn(4, 6, device=DEVICE).t())
+    with pytest.raises(ValueError, match="float32/float64"):
+        sum_rows(torch.randn(4, 6, device=DEVICE).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------
 # gated RMSNorm
 
 
@@ -204,56 +235,59 @@ def norm_case(bsz, seqlen, d, ngroups, z="view", norm_before_gate=False, dtype=t
         norm_case(2, 5, 24, 2, z="transposed", norm_before_gate=True, dtype=torch.bfloat16),
         norm_case(1, 7, 40, 5, z="transposed"),
         norm_case(2, 9, 16, 2, z="none", dtype=torch.float16),
-        # Tiles of 2048 elements forward, 4096 backward (groups padded); 4 backward programs per
-        # group at most on CPU.
-        norm_case(
-            2, 75, 24, 1, dtype=torch.bfloat16
-        ),  # 3 forward tiles of 64 rows, the last partial; 2 backward programs
-        norm_case(
-            2, 25, 2000, 1, dtype=torch.bfloat16
-        ),  # 4 backward programs of 7 tiles of 2 rows, the last 4 tiles
-        norm_case(
-            3, 50, 48, 2, z="transposed", norm_before_gate=True
-        ),  # 2 groups side by side, 2 programs each
+        # 4 backward programs at most on CPU, split among the groups: each walks many rows.
+        norm_case(2, 75, 24, 1, dtype=torch.bfloat16),  # 4 programs of 38 rows, the last 36
+        norm_case(2, 25, 2000, 1, dtype=torch.bfloat16),  # a group padded to 2048; 4 programs of 13 rows
+        norm_case(3, 50, 48, 2, z="transposed", norm_before_gate=True),  # 2 groups, 2 programs each
     ],
 )
-def test_gated_rmsnorm_matches_reference(
-    monkeypatch, bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype
-):
-    monkeypatch.delenv("LIT_MATMAMBA_NORM_TILES", raising=False)  # it would override the tiles
+def test_gated_rmsnorm_matches_reference(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype):
+    check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype)
+
+
+NORM_BWD_VARIANTS = list(importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")._BWD_VARIANTS)
+
+
+@requires_triton
+@pytest.mark.parametrize("variant", NORM_BWD_VARIANTS)
+@pytest.mark.parametrize(
+    "bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype",
+    [
+        norm_case(2, 75, 24, 1, dtype=torch.bfloat16),
+        norm_case(3, 50, 48, 2, z="transposed", norm_before_gate=True),
+        norm_case(1, 7, 40, 5, z="none"),
+    ],
+)
+def test_gated_rmsnorm_bwd_variants_match_reference(monkeypatch, variant, bsz, seqlen, d, ngroups, z_kind,
+                                                    norm_before_gate, dtype):  # fmt: skip
+    kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
+    monkeypatch.delenv("LIT_MATMAMBA_NORM_BWD", raising=False)  # it would override the variant
+    monkeypatch.setattr(kernel, "_BWD_VARIANT", variant)
     check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype)
 
 
 @requires_triton
-def test_gated_rmsnorm_tiles_from_the_environment(monkeypatch):
-    """LIT_MATMAMBA_NORM_TILES sets the tiles (benchmarks' A/B; "1,1": one row a tile) and the
-    results still match the reference; a malformed value is a clear error."""
+def test_gated_rmsnorm_bwd_variant_from_the_environment(monkeypatch):
+    """LIT_MATMAMBA_NORM_BWD picks the variant (benchmarks' A/B); an unknown name is a clear error."""
     kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
     launched = []
+    real = kernel._norm_bwd_kernel
 
-    class Spy:  # records each launch's rows a tile, then launches the real kernel
-        def __init__(self, real):
-            self.real = real
-
+    class Spy:  # records the variant's stages, then launches the real kernel
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append(kwargs["BLOCK_M"])
-                return self.real[grid](*args, **kwargs)
+                launched.append(kwargs["STAGES"])
+                return real[grid](*args, **kwargs)
 
             return launch
 
-    monkeypatch.setattr(kernel, "_norm_fwd_kernel", Spy(kernel._norm_fwd_kernel))
-    monkeypatch.setattr(kernel, "_norm_bwd_kernel", Spy(kernel._norm_bwd_kernel))
-    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "1,1")
-    check_norm(2, 25, 24, 1, "view", False, torch.float32)
-    assert launched == [1, 1]
-    launched.clear()
-    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "64,128")
-    check_norm(2, 25, 24, 1, "view", False, torch.float32)
-    assert launched == [2, 4]  # tiles of 2 and 4 rows of 32 (24 padded)
-    monkeypatch.setenv("LIT_MATMAMBA_NORM_TILES", "2048")
-    with pytest.raises(ValueError, match="LIT_MATMAMBA_NORM_TILES='2048': expected two integers"):
-        check_norm(2, 25, 24, 1, "view", False, torch.float32)
+    monkeypatch.setattr(kernel, "_norm_bwd_kernel", Spy())
+    monkeypatch.setenv("LIT_MATMAMBA_NORM_BWD", "rows-stages2")
+    check_norm(2, 5, 24, 1, "view", False, torch.float32)
+    assert launched == [2]
+    monkeypatch.setenv("LIT_MATMAMBA_NORM_BWD", "no-such-variant")
+    with pytest.raises(ValueError, match="LIT_MATMAMBA_NORM_BWD='no-such-variant': not one of"):
+        check_norm(2, 5, 24, 1, "view", False, torch.float32)
 
 
 def check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype):

@@ -10,17 +10,20 @@ reciprocal RMS per row (M,). Backward: a fixed number of programs each walk a co
 rows in (BLOCK_M, D) tiles, recomputing the normalised rows from the saved residual_out, and write
 the gradient of the sum (dy through the norm, plus the gradient of residual_out) once per input
 dtype: one tensor serves as both x's and residual's gradient when their dtypes agree. dweight is
-summed per program and the partial sums are reduced in PyTorch (deterministic, no atomics).
+summed per program and the partial sums are reduced by `partial_sums.sum_rows` (deterministic, no
+atomics).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import tiling
 from ..backend import empty_output as _empty
+from ..partial_sums import sum_rows
 
 # A row must fit in one program's registers; 64 KiB of float32 statistics per row, like the
 # gated_rmsnorm kernel (D <= 16384 in float32).
@@ -141,10 +144,28 @@ def _block_n(channels: int, acc_dtype: torch.dtype) -> int:
     return block_n
 
 
+def _num_warps(elements: int) -> int:
+    """Warps for a tile: 8 up to 8192 elements (<= 32 per thread and array), 16 above (a row of
+    16384, which the backward would otherwise spill)."""
+    return min(max(elements // 256, 1), 8 if elements <= 8192 else 16)
+
+
+def _block_m(block_n: int, rows: int, tile: int) -> int:
+    return max(1, min(tile // block_n, triton.next_power_of_2(rows)))
+
+
+def _backward_rows_per_program(rows: int, block_m: int, device: torch.device) -> int:
+    """Rows each backward program walks (a multiple of block_m): a few waves of programs over the
+    GPU, each summing many rows of dweight."""
+    # Under TRITON_INTERPRET=1 (CPU): few programs, so that tests cover several tiles per program.
+    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return block_m * math.ceil(rows / (slots * block_m))
+
+
 def _fwd(x, residual, weight, eps, out_dtype, acc_dtype):
     rows, channels = residual.shape
     block_n = _block_n(channels, acc_dtype)
-    block_m = tiling.block_m(block_n, rows, _FWD_TILE)
+    block_m = _block_m(block_n, rows, _FWD_TILE)
     y = _empty((rows, channels), residual, out_dtype)  # (M, D)
     residual_out = _empty((rows, channels), residual, acc_dtype)  # (M, D)
     rstd = _empty((rows,), residual, acc_dtype)  # (M,)
@@ -167,7 +188,7 @@ def _fwd(x, residual, weight, eps, out_dtype, acc_dtype):
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_X=x is not None,
-        num_warps=tiling.num_warps(block_m * block_n),
+        num_warps=_num_warps(block_m * block_n),
     )
     return y, residual_out, rstd
 
@@ -181,8 +202,8 @@ def _bwd(residual_out, weight, rstd, dy, dres_out, dx_dtype, dres_dtype):
     dres = dx if shared else None
     if dres_dtype is not None and not shared:
         dres = _empty((rows, channels), residual_out, dres_dtype)  # (M, D)
-    block_m = tiling.block_m(block_n, rows, _BWD_TILE)
-    rows_per_program = tiling.backward_rows_per_program(rows, block_m, residual_out.device)
+    block_m = _block_m(block_n, rows, _BWD_TILE)
+    rows_per_program = max(_backward_rows_per_program(rows, block_m, residual_out.device), 1)
     n_programs = max(triton.cdiv(rows, rows_per_program), 1)  # no rows: one program writes dweight = 0
     dw_part = _empty((n_programs, channels), residual_out, residual_out.dtype)
     dres_out_ = dres_out if dres_out is not None else dy
@@ -211,7 +232,7 @@ def _bwd(residual_out, weight, rstd, dy, dres_out, dx_dtype, dres_dtype):
         HAS_DRES_OUT=dres_out is not None,
         STORE_DX=dx is not None,
         STORE_DRES=dres is not None and not shared,
-        num_warps=tiling.num_warps(block_m * block_n),
+        num_warps=_num_warps(block_m * block_n),
     )
     return dx, dres, dw_part
 
@@ -261,7 +282,7 @@ class _AddRMSNormFn(torch.autograd.Function):
         return (
             dx.view(ctx.shape) if dx is not None else None,
             dres.view(ctx.shape) if dres is not None else None,
-            dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None,
+            sum_rows(dw_part).to(weight.dtype) if ctx.needs_input_grad[2] else None,
             None,
             None,
         )

@@ -7,34 +7,44 @@ stride. Inside, z is read as (M, heads, P) with a stride per head, so the fused 
 (`kernels/ssd/fused.py`) passes z = zdt[..., :P] of a (B, L, h, P+1) projection without the copy
 that flattening its heads would make, and gets dz written into the matching view of its gradient.
 
-Both kernels work on (BLOCK_M, group) tiles, a group padded to a power of 2 and BLOCK_M rows
-batched so that a program keeps enough loads in flight (`kernels/tiling.py`); statistics in float32.
-Forward: one program per (tile, group); the reciprocal RMS is saved (ngroups, M). Backward: a fixed
-number of programs per group each walk a contiguous range of rows, recomputing x * silu(z) and
-writing dx and dz; dweight is summed in float32 per program and the partial sums are reduced in
-PyTorch (deterministic, no atomics). Before tiling (one row a program, or a program's loop step)
-the backward streamed about half the bandwidth that add + RMSNorm's tiled backward does
-(BENCHMARKS.md, sixth run).
+Forward: one program per (row, group) holds the whole group in registers, statistics in float32;
+the reciprocal RMS is saved (ngroups, M). Backward: a fixed number of programs per group each walk a
+contiguous range of rows, recomputing x * silu(z) and writing dx and dz; dweight is summed in float32
+per program and the partial sums are reduced by `partial_sums.sum_rows` (deterministic, no
+atomics).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import tiling
 from ..backend import empty_output as _empty
+from ..partial_sums import sum_rows
 
 # One group must fit in one program's registers; 64 KiB of input per row, like mamba-ssm's kernel.
 _MAX_FUSED_BYTES = 65536
-# Elements of a program's (BLOCK_M, group) tile (`kernels/tiling.py`). The forward's is add +
-# RMSNorm's, chosen on an H200; the backward's is half of add + RMSNorm's, as it keeps about twice
-# as many values per element (x, z, dy and their products) live in registers.
-_FWD_TILE = 2048
-_BWD_TILE = 4096
+# How the backward keeps loads in flight. Each program walks its rows one at a time, and a row's
+# loads must arrive before its reduction: without help, a program waits for memory once a row.
+# Registers allow few programs an SM (a 4096-wide row over 16 warps: 128 registers a thread, one
+# program an SM; ptxas for sm_90), so "rows" (the kernel until the sixth run) is latency-bound.
+# rows-stagesS lets Triton's software pipeliner (tl.range's num_stages = S) copy x, dy and rstd of
+# the next S-1 rows into shared memory ahead (sm_90 TTGIR: 6 async copies at S=2, 9 at S=3, none at
+# S=1; z cannot be, its heads are P+1 apart and so not 4-byte aligned). "-fill" also launches more
+# programs an SM for narrow rows (16 warps an SM in all, at least 4 programs), where 1-2 warps a
+# program leave most of an SM idle. LIT_MATMAMBA_NORM_BWD overrides `_BWD_VARIANT` (A/B timing of
+# whole steps); the tests run every variant.
+_BWD_VARIANTS = {
+    "rows": dict(stages=1, fill=False),
+    "rows-stages2": dict(stages=2, fill=False),
+    "rows-stages3": dict(stages=3, fill=False),
+    "rows-stages3-fill": dict(stages=3, fill=True),
+}
+_BWD_VARIANT = "rows"
 
 
 @triton.jit
@@ -56,34 +66,29 @@ def _norm_fwd_kernel(
     stride_w,
     stride_ym,
     stride_yn,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GATE_IN: tl.constexpr,
     GATE_OUT: tl.constexpr,
 ):
-    # int64 row offsets: M * stride may exceed 2**31
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
+    mask = cols < N
     ch = group * N + cols  # channels of this group
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + (ch * stride_xn)[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)  # (BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
     if GATE_IN or GATE_OUT:
-        z_col = (ch // z_head) * stride_zh + (ch % z_head) * stride_zn  # z is a (M, heads, z_head) view
-        z = tl.load(z_ptr + rows[:, None] * stride_zm + z_col[None, :], mask=mask, other=0.0).to(tl.float32)
+        z_off = row * stride_zm + (ch // z_head) * stride_zh + (ch % z_head) * stride_zn
+        z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
         silu_z = z * tl.sigmoid(z)
     if GATE_IN:
         x *= silu_z
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
-    tl.store(rstd_ptr + group * M + rows, rstd, mask=row_mask)
-    w = tl.load(w_ptr + ch * stride_w, mask=col_mask, other=0.0).to(tl.float32)
-    y = x * rstd[:, None] * w[None, :]
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    tl.store(rstd_ptr + group * M + row, rstd)
+    w = tl.load(w_ptr + ch * stride_w, mask=mask, other=0.0).to(tl.float32)
+    y = x * rstd * w
     if GATE_OUT:
         y *= silu_z
-    tl.store(y_ptr + rows[:, None] * stride_ym + (ch * stride_yn)[None, :], y, mask=mask)
+    tl.store(y_ptr + row * stride_ym + ch * stride_yn, y, mask=mask)
 
 
 @triton.jit
@@ -113,79 +118,79 @@ def _norm_bwd_kernel(
     stride_dzm,
     stride_dzh,
     stride_dzn,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GATE_IN: tl.constexpr,
     GATE_OUT: tl.constexpr,
     STORE_DZ: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    mask = cols < N
     ch = group * N + cols
     head, in_head = ch // z_head, ch % z_head  # z and dz are (M, heads, z_head) views
-    x_col, dy_col, dx_col = ch * stride_xn, ch * stride_dyn, ch * stride_dxn
-    z_col, dz_col = head * stride_zh + in_head * stride_zn, head * stride_dzh + in_head * stride_dzn
-    w = tl.load(w_ptr + ch * stride_w, mask=col_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, at the end
-    row_start = pid.to(tl.int64) * rows_per_program  # a multiple of BLOCK_M
+    w = tl.load(w_ptr + ch * stride_w, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * stride may exceed 2**31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + x_col[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + dy_col[None, :], mask=mask, other=0.0)
-        dy = dy.to(tl.float32)  # (BLOCK_M, BLOCK_N)
-        rstd = tl.load(rstd_ptr + group * M + rows, mask=row_mask, other=0.0)  # 0 for masked rows: no dw
+    # STAGES > 1: Triton prefetches the next STAGES-1 rows' x, dy and rstd into shared memory.
+    for row in tl.range(row_start, row_end, num_stages=STAGES):
+        x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dym + ch * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + group * M + row)
         u = x  # the normalised input: x * silu(z) when gated before the norm
         if GATE_IN or GATE_OUT:
-            z = tl.load(z_ptr + rows[:, None] * stride_zm + z_col[None, :], mask=mask, other=0.0)
-            z = z.to(tl.float32)
+            z_off = row * stride_zm + head * stride_zh + in_head * stride_zn
+            z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             silu_z = z * sig
             dsilu_z = sig * (1.0 + z * (1.0 - sig))
         if GATE_IN:
             u = x * silu_z
-        u_hat = u * rstd[:, None]
+        u_hat = u * rstd
         if GATE_OUT:  # y = u_hat * w * silu(z)
-            dz = dy * u_hat * w[None, :] * dsilu_z
+            dz = dy * u_hat * w * dsilu_z
             dy = dy * silu_z
         dw += dy * u_hat
-        du_hat = dy * w[None, :]
+        du_hat = dy * w
         # d/du of u * rstd(u), rstd = (mean(u^2) + eps)^-1/2
-        du = (du_hat - u_hat * (tl.sum(du_hat * u_hat, axis=1) / N)[:, None]) * rstd[:, None]
+        du = (du_hat - u_hat * (tl.sum(du_hat * u_hat, axis=0) / N)) * rstd
         if GATE_IN:  # u = x * silu(z)
             dz = du * x * dsilu_z
             du = du * silu_z
-        tl.store(dx_ptr + rows[:, None] * stride_dxm + dx_col[None, :], du, mask=mask)
+        tl.store(dx_ptr + row * stride_dxm + ch * stride_dxn, du, mask=mask)
         if STORE_DZ:
-            tl.store(dz_ptr + rows[:, None] * stride_dzm + dz_col[None, :], dz, mask=mask)
-    tl.store(dw_part_ptr + pid * (N * tl.num_programs(1)) + ch, tl.sum(dw, axis=0), mask=col_mask)
+            tl.store(dz_ptr + row * stride_dzm + head * stride_dzh + in_head * stride_dzn, dz, mask=mask)
+    tl.store(dw_part_ptr + pid * (N * tl.num_programs(1)) + ch, dw, mask=mask)
 
 
-def _block_n(group_size: int, x: torch.Tensor) -> int:
+def _block_and_warps(group_size: int, x: torch.Tensor) -> tuple[int, int]:
     block_n = triton.next_power_of_2(group_size)
     if block_n * x.element_size() > _MAX_FUSED_BYTES:
         raise ValueError(
             f"gated_rmsnorm_triton: group_size {group_size} exceeds {_MAX_FUSED_BYTES // x.element_size()} "
             f"channels for {x.dtype}; use more groups or the reference backend"
         )
-    return block_n
+    return block_n, min(max(block_n // 256, 1), 16)
 
 
-def _tiles() -> tuple[int, int]:
-    """(forward, backward) elements of a tile; LIT_MATMAMBA_NORM_TILES="fwd,bwd" overrides them
-    (benchmarks time settings through it, e.g. "1,1": one row a tile, the kernels before tiling)."""
-    spec = os.environ.get("LIT_MATMAMBA_NORM_TILES")
-    if spec is None:
-        return _FWD_TILE, _BWD_TILE
-    try:
-        fwd, bwd = (int(v) for v in spec.split(","))
-    except ValueError:
-        raise ValueError(f'LIT_MATMAMBA_NORM_TILES={spec!r}: expected two integers, "fwd,bwd"') from None
-    return fwd, bwd
+def _backward_programs(rows: int, ngroups: int, device: torch.device, per_sm: int = 4) -> int:
+    """Programs per group in the backward: `per_sm` an SM in all, each summing many rows of dweight."""
+    # Under TRITON_INTERPRET=1 (CPU): few programs, so that tests cover several rows per program.
+    slots = (
+        per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
+    return max(1, min(rows, math.ceil(slots / ngroups)))
+
+
+def _bwd_variant() -> dict:
+    name = os.environ.get("LIT_MATMAMBA_NORM_BWD", _BWD_VARIANT)  # benchmarks A/B variants through it
+    if name not in _BWD_VARIANTS:
+        raise ValueError(f"LIT_MATMAMBA_NORM_BWD={name!r}: not one of {sorted(_BWD_VARIANTS)}")
+    return _BWD_VARIANTS[name]
 
 
 def _heads(z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -200,12 +205,11 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
     projection holding z and dt per head). Returns y (M, d) and rstd (G, M)."""
     rows, channels = x.shape
     ngroups = channels // group_size
-    block_n = _block_n(group_size, x)
-    block_m = tiling.block_m(block_n, rows, _tiles()[0])
+    block_n, num_warps = _block_and_warps(group_size, x)
     y = _empty((rows, channels), x, x.dtype)  # (M, d)
     rstd = _empty((ngroups, rows), x, torch.float32)  # (G, M)
     z3 = _heads(z, x)  # (M, h, P)
-    _norm_fwd_kernel[(triton.cdiv(rows, block_m), ngroups)](
+    _norm_fwd_kernel[(rows, ngroups)](
         x,
         z3,
         weight,
@@ -219,11 +223,10 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
         z3.shape[-1],
         weight.stride(0),
         *y.stride(),
-        BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
-        num_warps=tiling.num_warps(block_m * block_n),
+        num_warps=num_warps,
     )
     return y, rstd
 
@@ -233,13 +236,14 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
     of a larger gradient buffer; else a new (M, d) or (M, h, P) tensor), dweight."""
     rows, channels = x.shape
     ngroups = channels // group_size
-    block_n = _block_n(group_size, x)
-    block_m = tiling.block_m(block_n, rows, _tiles()[1])
+    block_n, num_warps = _block_and_warps(group_size, x)
     dx = _empty((rows, channels), x, x.dtype)  # (M, d)
     if need_dz and dz is None:
         dz = _empty(z.shape, x, z.dtype)
-    rows_per_program = tiling.backward_rows_per_program(rows, block_m, x.device, programs_per_row=ngroups)
-    n_programs = max(triton.cdiv(rows, rows_per_program), 1)  # no rows: one program writes dweight = 0
+    variant = _bwd_variant()
+    per_sm = max(4, 16 // num_warps) if variant["fill"] else 4
+    n_programs = _backward_programs(rows, ngroups, x.device, per_sm)
+    rows_per_program = math.ceil(rows / n_programs)
     dw_part = _empty((n_programs, channels), x, torch.float32)
     z3 = _heads(z, x)  # (M, h, P)
     dz3 = _heads(dz, x) if need_dz else z3
@@ -262,14 +266,14 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
         *dy.stride(),
         *dx.stride(),
         *dz3.stride(),
-        BLOCK_M=block_m,
         BLOCK_N=block_n,
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
         STORE_DZ=need_dz,
-        num_warps=tiling.num_warps(block_m * block_n),
+        STAGES=variant["stages"],
+        num_warps=num_warps,
     )
-    return dx, dz if need_dz else None, dw_part.sum(0).to(weight.dtype)
+    return dx, dz if need_dz else None, sum_rows(dw_part).to(weight.dtype)
 
 
 class _GatedRMSNormFn(torch.autograd.Function):
