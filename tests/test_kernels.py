@@ -245,51 +245,6 @@ def test_gated_rmsnorm_matches_reference(bsz, seqlen, d, ngroups, z_kind, norm_b
     check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype)
 
 
-NORM_BWD_VARIANTS = list(importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")._BWD_VARIANTS)
-
-
-@requires_triton
-@pytest.mark.parametrize("variant", NORM_BWD_VARIANTS)
-@pytest.mark.parametrize(
-    "bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype",
-    [
-        norm_case(2, 75, 24, 1, dtype=torch.bfloat16),
-        norm_case(3, 50, 48, 2, z="transposed", norm_before_gate=True),
-        norm_case(1, 7, 40, 5, z="none"),
-    ],
-)
-def test_gated_rmsnorm_bwd_variants_match_reference(monkeypatch, variant, bsz, seqlen, d, ngroups, z_kind,
-                                                    norm_before_gate, dtype):  # fmt: skip
-    kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
-    monkeypatch.delenv("LIT_MATMAMBA_NORM_BWD", raising=False)  # it would override the variant
-    monkeypatch.setattr(kernel, "_BWD_VARIANT", variant)
-    check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype)
-
-
-@requires_triton
-def test_gated_rmsnorm_bwd_variant_from_the_environment(monkeypatch):
-    """LIT_MATMAMBA_NORM_BWD picks the variant (benchmarks' A/B); an unknown name is a clear error."""
-    kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
-    launched = []
-    real = kernel._norm_bwd_kernel
-
-    class Spy:  # records the variant's stages, then launches the real kernel
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["STAGES"])
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernel, "_norm_bwd_kernel", Spy())
-    monkeypatch.setenv("LIT_MATMAMBA_NORM_BWD", "rows-stages2")
-    check_norm(2, 5, 24, 1, "view", False, torch.float32)
-    assert launched == [2]
-    monkeypatch.setenv("LIT_MATMAMBA_NORM_BWD", "no-such-variant")
-    with pytest.raises(ValueError, match="LIT_MATMAMBA_NORM_BWD='no-such-variant': not one of"):
-        check_norm(2, 5, 24, 1, "view", False, torch.float32)
-
-
 def check_norm(bsz, seqlen, d, ngroups, z_kind, norm_before_gate, dtype):
     """x contiguous; z a slice of a wider projection output ("view": rows strided) or a transposed
     tensor ("transposed": rows not mergeable, so the launcher copies); weight a prefix view."""

@@ -17,7 +17,6 @@ atomics).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -28,23 +27,6 @@ from ..partial_sums import sum_rows
 
 # One group must fit in one program's registers; 64 KiB of input per row, like mamba-ssm's kernel.
 _MAX_FUSED_BYTES = 65536
-# How the backward keeps loads in flight. Each program walks its rows one at a time, and a row's
-# loads must arrive before its reduction: without help, a program waits for memory once a row.
-# Registers allow few programs an SM (a 4096-wide row over 16 warps: 128 registers a thread, one
-# program an SM; ptxas for sm_90), so "rows" (the kernel until the sixth run) is latency-bound.
-# rows-stagesS lets Triton's software pipeliner (tl.range's num_stages = S) copy x, dy and rstd of
-# the next S-1 rows into shared memory ahead (sm_90 TTGIR: 6 async copies at S=2, 9 at S=3, none at
-# S=1; z cannot be, its heads are P+1 apart and so not 4-byte aligned). "-fill" also launches more
-# programs an SM for narrow rows (16 warps an SM in all, at least 4 programs), where 1-2 warps a
-# program leave most of an SM idle. LIT_MATMAMBA_NORM_BWD overrides `_BWD_VARIANT` (A/B timing of
-# whole steps); the tests run every variant.
-_BWD_VARIANTS = {
-    "rows": dict(stages=1, fill=False),
-    "rows-stages2": dict(stages=2, fill=False),
-    "rows-stages3": dict(stages=3, fill=False),
-    "rows-stages3-fill": dict(stages=3, fill=True),
-}
-_BWD_VARIANT = "rows"
 
 
 @triton.jit
@@ -122,7 +104,6 @@ def _norm_bwd_kernel(
     GATE_IN: tl.constexpr,
     GATE_OUT: tl.constexpr,
     STORE_DZ: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -134,8 +115,7 @@ def _norm_bwd_kernel(
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * stride may exceed 2**31
     row_end = tl.minimum(row_start + rows_per_program, M)
-    # STAGES > 1: Triton prefetches the next STAGES-1 rows' x, dy and rstd into shared memory.
-    for row in tl.range(row_start, row_end, num_stages=STAGES):
+    for row in range(row_start, row_end):
         x = tl.load(x_ptr + row * stride_xm + ch * stride_xn, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * stride_dym + ch * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + group * M + row)
@@ -175,22 +155,11 @@ def _block_and_warps(group_size: int, x: torch.Tensor) -> tuple[int, int]:
     return block_n, min(max(block_n // 256, 1), 16)
 
 
-def _backward_programs(rows: int, ngroups: int, device: torch.device, per_sm: int = 4) -> int:
-    """Programs per group in the backward: `per_sm` an SM in all, each summing many rows of dweight."""
+def _backward_programs(rows: int, ngroups: int, device: torch.device) -> int:
+    """Programs per group in the backward: a few waves over the GPU, each summing many rows of dweight."""
     # Under TRITON_INTERPRET=1 (CPU): few programs, so that tests cover several rows per program.
-    slots = (
-        per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 4
-    )
+    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(rows, math.ceil(slots / ngroups)))
-
-
-def _bwd_variant() -> dict:
-    name = os.environ.get("LIT_MATMAMBA_NORM_BWD", _BWD_VARIANT)  # benchmarks A/B variants through it
-    if name not in _BWD_VARIANTS:
-        raise ValueError(f"LIT_MATMAMBA_NORM_BWD={name!r}: not one of {sorted(_BWD_VARIANTS)}")
-    return _BWD_VARIANTS[name]
 
 
 def _heads(z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -240,9 +209,7 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
     dx = _empty((rows, channels), x, x.dtype)  # (M, d)
     if need_dz and dz is None:
         dz = _empty(z.shape, x, z.dtype)
-    variant = _bwd_variant()
-    per_sm = max(4, 16 // num_warps) if variant["fill"] else 4
-    n_programs = _backward_programs(rows, ngroups, x.device, per_sm)
+    n_programs = _backward_programs(rows, ngroups, x.device)
     rows_per_program = math.ceil(rows / n_programs)
     dw_part = _empty((n_programs, channels), x, torch.float32)
     z3 = _heads(z, x)  # (M, h, P)
@@ -270,7 +237,6 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
         GATE_IN=gate_in,
         GATE_OUT=gate_out,
         STORE_DZ=need_dz,
-        STAGES=variant["stages"],
         num_warps=num_warps,
     )
     return dx, dz if need_dz else None, sum_rows(dw_part).to(weight.dtype)
