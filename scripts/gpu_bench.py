@@ -8,6 +8,12 @@ Model FLOPs (for MFU) = 6 x tokens x matmul parameters used at the width (LM hea
 3 x the SSD scan's forward FLOPs (see lit_matmamba/models/flops.py); inference: 2x and 1x.
 MFU is against the H200's dense bf16 datasheet peak (989 TFLOP/s) and, in brackets, against the
 matmul ceiling measured here. Times are medians of CUDA-event-timed repeats after warm-up.
+
+mamba-ssm's autotuned kernels are shared by the stock and the nested models, and their choices are
+kept per process: before each stock model and before the nested model they are cleared
+(`clear_autotuning`), so each tunes them for its own calls as it would alone; the joint step runs the
+nested model's calls and keeps its choices. Until the sixth run the stock full-width model's first
+calls chose for everything after it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
+from lit_matmamba.kernels.mamba_ssm_compat import clear_autotuning  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 from lit_matmamba.models.flops import flops_per_token  # noqa: E402
 
@@ -174,6 +181,7 @@ def main() -> None:
     # (a) stock mamba-ssm, one standalone model per inner width.
     if not (args.skip_stock or args.joint_only):
         for w in grans:
+            clear_autotuning()  # each model tunes mamba-ssm's kernels for its own calls (docstring)
             expand = cfg.expand * w / cfg.d_model
             stock = stock_lm(cfg.d_model, cfg.n_layer, cfg.vocab_size, expand, cfg.headdim, cfg.chunk_size)
 
@@ -216,6 +224,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # (b) the nested model at each width, eager and graphed.
+    clear_autotuning()
     for w in [] if args.joint_only else grans:
 
         def train_step(w=w):
