@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 import sys
 import types
 from collections.abc import Callable
@@ -94,63 +93,37 @@ _SSD_INTERNALS = {  # our name: (module under mamba_ssm.ops.triton, function)
 def get_ssd_internals() -> types.SimpleNamespace:
     """The private pieces of mamba-ssm's chunked SSD (forward and backward steps), for the fused mixer
     core (`kernels/ssd/fused.py`). Private API: raises ImportError when one is missing, and the caller
-    then uses the public `mamba_chunk_scan_combined`. Also makes mamba-ssm's autotuning per width
-    (`tune_per_width`) unless LIT_MATMAMBA_TUNE_PER_WIDTH=0, read once, here."""
-    internals = types.SimpleNamespace(**{name: _private(*where) for name, where in _SSD_INTERNALS.items()})
-    if os.environ.get("LIT_MATMAMBA_TUNE_PER_WIDTH", "1") != "0":
-        tune_per_width(_import(f"ops.triton.{module}") for module in _SSD_MODULES)
-    return internals
-
-
-_SSD_MODULES = ("ssd_chunk_state", "ssd_chunk_scan", "ssd_combined", "ssd_state_passing", "ssd_bmm")
-# The kernel argument that grows with the width: heads per group (ngroups is fixed), or the heads.
-_WIDTH_ARGS = ("nheads_ngroups_ratio", "nheads")
-
-
-def tune_per_width(modules) -> list[str]:
-    """Adds the head count to the autotuning key of every autotuned kernel in `modules` that takes it;
-    returns the names of the kernels changed.
-
-    Why: mamba-ssm keys its SSD kernels' autotuning on chunk size, head dim and state size only, so
-    the first call in a process picks the configuration for every later one. In a joint step that is
-    the full width, and the narrower widths (an eighth of the heads: a grid an eighth as large) run
-    its choice; in one process with other Mamba2 models (e.g. a benchmark against stock mamba-ssm)
-    the first model's calls choose for all. With the head count in the key each width is tuned for
-    itself, once (a few seconds more of autotuning at the first step). The change is to mamba-ssm's
-    kernel objects, so it applies to every model in the process.
-    """
-    changed = []
-    for name, tuner in _autotuners(modules):
-        keys, arg_names = getattr(tuner, "keys", None), getattr(tuner, "arg_names", ())
-        arg = next((a for a in _WIDTH_ARGS if a in arg_names), None)
-        if keys is not None and arg is not None and arg not in keys:
-            tuner.keys = [*keys, arg]
-            tuner.cache.clear()  # configurations chosen under the old key
-            changed.append(name)
-    return changed
+    then uses the public `mamba_chunk_scan_combined`."""
+    return types.SimpleNamespace(**{name: _private(*where) for name, where in _SSD_INTERNALS.items()})
 
 
 def clear_autotuning() -> int:
     """Forgets the configurations mamba-ssm's loaded Triton kernels have chosen, so that the next
-    calls tune afresh (a benchmark timing several models in one process gives each its own tuning);
-    returns how many autotuned kernels there are."""
+    calls tune afresh; returns how many autotuned kernels there are.
+
+    mamba-ssm keys its SSD kernels' autotuning on chunk size, head dim and state size only (not on
+    the head count, batch or strides), so the first model to call them in a process chooses for
+    every later one. A benchmark timing several models in one process clears the choices between
+    them, so that each tunes the kernels for its own calls, as it would alone. (Adding the head count
+    to the keys, so that each width of a nested model tunes for itself, was timed in the sixth run
+    and made no difference to the joint step; it was removed.)"""
     loaded = [m for name, m in list(sys.modules.items()) if name.startswith(f"{_PACKAGE}.ops.triton.")]
-    tuners = [tuner for _, tuner in _autotuners(loaded)]
+    tuners = list(_autotuners(loaded))
     for tuner in tuners:
         tuner.cache.clear()
     return len(tuners)
 
 
 def _autotuners(modules):
-    """(name, triton Autotuner) for each autotuned kernel among the modules' attributes."""
+    """The triton Autotuner of each autotuned kernel among the modules' attributes."""
     from triton.runtime.autotuner import Autotuner
 
     for module in modules:
-        for name, obj in vars(module).items():
+        for obj in vars(module).values():
             while not isinstance(obj, Autotuner) and hasattr(obj, "fn"):  # e.g. heuristics around it
                 obj = obj.fn
             if isinstance(obj, Autotuner):
-                yield name, obj
+                yield obj
 
 
 def _private(module: str, attr: str, hint: str = ""):

@@ -341,48 +341,21 @@ def test_compat_broken_submodule_says_how_to_install(tmp_path, monkeypatch, no_m
 
 
 @requires_triton
-def test_tune_per_width_adds_the_head_count_to_autotuning_keys():
-    """Kernels taking a head count get it in their autotuning key (heuristics around the autotuner
-    included); a kernel without one, and a key already holding it, stay as they are. Then each head
-    count gets its own entry in the autotuner's cache. (Two configurations pruned to one before
-    timing: the interpreter has no driver to time several, see kernel_testing.py.)"""
-    import triton
-    import triton.language as tl
-
-    configs = [triton.Config({"BLOCK": 4}), triton.Config({"BLOCK": 8})]
-    first = dict(early_config_prune=lambda configs, nargs, **kwargs: configs[:1])
-
-    @triton.jit
-    def _body(out_ptr, nheads, hdim, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        tl.store(out_ptr + offs, offs + nheads * hdim, mask=offs < hdim)
-
-    per_heads = triton.autotune(configs, key=["hdim"], prune_configs_by=first)(_body)
-    wrapped = triton.heuristics({"unused": lambda args: 0})(triton.autotune(configs, key=["hdim"])(_body))
-    already = triton.autotune(configs, key=["hdim", "nheads"])(_body)
-    no_heads = triton.autotune(configs, key=["n"])(triton.jit(lambda out_ptr, n, BLOCK: None))
-    module = types.SimpleNamespace(a=per_heads, b=wrapped, c=already, d=no_heads, e=len)
-
-    assert compat.tune_per_width([module]) == ["a", "b"]
-    assert per_heads.keys == ["hdim", "nheads"] and wrapped.fn.keys == ["hdim", "nheads"]
-    assert already.keys == ["hdim", "nheads"] and no_heads.keys == ["n"]
-    out = torch.zeros(4, device=DEVICE, dtype=torch.int32)
-    for nheads in (8, 1, 8):
-        per_heads[(1,)](out, nheads, 3)
-        assert out[:3].tolist() == [nheads * 3, nheads * 3 + 1, nheads * 3 + 2]
-    assert len(per_heads.cache) == 2  # one entry per head count: 8 and 1
-
-
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_tune_per_width_applies_to_mamba_ssm():
-    internals = compat.get_ssd_internals()  # tunes per width (LIT_MATMAMBA_TUNE_PER_WIDTH unset)
+def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
+    """Benchmarks clear the autotuners' choices between models (each tunes for its own calls): plain
+    autotuned kernels and those with heuristics around the autotuner (mamba-ssm has both)."""
+    import triton
+
+    compat.get_ssd_internals()  # imports the SSD modules
     scan = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_scan")
-    assert internals.chunk_scan_fwd is scan._chunk_scan_fwd
-    assert "nheads_ngroups_ratio" in scan._chunk_scan_fwd_kernel.keys
-    # clear_autotuning forgets every loaded kernel's choices (benchmarks retune per model).
     scan._chunk_scan_fwd_kernel.cache[("a", "key")] = scan._chunk_scan_fwd_kernel.configs[0]
-    assert compat.clear_autotuning() >= len(compat._SSD_INTERNALS)
-    assert scan._chunk_scan_fwd_kernel.cache == {}
+    tuned = triton.autotune([triton.Config({})], key=["n"])(triton.jit(lambda n: None))
+    wrapped = types.SimpleNamespace(kernel=triton.heuristics({"unused": lambda args: 0})(tuned), other=len)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.wrapped_for_the_test", wrapped)
+    tuned.cache[("b",)] = tuned.configs[0]
+    assert compat.clear_autotuning() >= len(compat._SSD_INTERNALS) + 1
+    assert scan._chunk_scan_fwd_kernel.cache == {} and tuned.cache == {}
 
 
 # ---------------------------------------------------------------------------------------------------
