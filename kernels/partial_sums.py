@@ -2,10 +2,11 @@
 need them: deterministic (a fixed order, no atomics), in the partial sums' dtype (float32, or
 float64 for float64 inputs).
 
-Why not `parts.sum(0)`: PyTorch's reduction over the leading dim of a (512, 2048) float32 tensor took
-16 us on an H200 (4 MB: 250 GB/s), 196 times a joint step of lm-1.4b (BENCHMARKS.md, fifth run's
-profile). Here each program sums a strip of BLOCK_C columns down all rows, its loads pipelined by
-Triton a few tiles ahead.
+Why not `parts.sum(0)`: PyTorch's reduction over the leading dim of such a tensor is slow for its
+size. A (512, 2048) float32 one (4 MB) took 16 us in the fifth run's 1.4b profile, and such sums
+run 388 times a joint step of lm-1.4b. Alone, at every shape a joint step sums, it took 22 to 24
+us against 7 to 10 us here (BENCHMARKS.md, sixth run). Here each program sums a strip of BLOCK_C
+columns down all rows, its loads pipelined by Triton a few tiles ahead.
 """
 
 from __future__ import annotations

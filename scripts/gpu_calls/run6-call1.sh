@@ -3,6 +3,7 @@
 # the tiled gated norm (default) against one row a tile (LIT_MATMAMBA_NORM_TILES=1,1, the kernels
 # before tiling), in both orders; the 130m memory check with the default allocator and with
 # expandable segments.
+# Ran at commit 66046f8; LIT_MATMAMBA_NORM_TILES and the tiled kernels were removed after it.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > /tmp/o0/gpu.txt

@@ -1,6 +1,7 @@
 # Sixth run, call 2 (4 GPUs): the gated-norm backward's variants and the partial-sum kernel alone
 # (scripts/gpu_norm_sweep.py) and their GPU tests; the graphed joint step with each backward variant
 # (LIT_MATMAMBA_NORM_BWD), in both orders at 1.4b and at 130m.
+# Ran at commit d6a9cdb; LIT_MATMAMBA_NORM_BWD and the variants were removed after it.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 S=scripts/gpu_chunk_sweep.sh; export SWEEP_TIMEOUT=200; V=LIT_MATMAMBA_NORM_BWD

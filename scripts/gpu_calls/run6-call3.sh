@@ -1,6 +1,7 @@
 # Sixth run, call 3 (2 GPUs, nothing else on the host while the benchmarks run): both benchmarks with
 # this session's defaults (partial_sums.sum_rows for the norms' weight gradients), then the memory
 # checks (a single width measured with the joint step's own code) and the conv GPU tests.
+# Ran at commit 0eaf7b8.
 source scripts/gpu_install.sh
 mkdir -p /tmp/o0 /tmp/o1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o0/gpu.txt

@@ -1,6 +1,7 @@
 # Sixth run, call 4 (4 GPUs): both benchmarks (mamba-ssm's autotuning cleared before each model,
 # and per width in the nested model: LIT_MATMAMBA_TUNE_PER_WIDTH's default), and the graphed joint
 # step alone with per-width tuning off and on (A/B, both orders at 130m).
+# Ran at commit d53e03a; LIT_MATMAMBA_TUNE_PER_WIDTH and per-width tuning were removed after it.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 B="python3 scripts/gpu_bench.py --seq 1024 --reps 5"; S=scripts/gpu_chunk_sweep.sh; export SWEEP_TIMEOUT=220; T=LIT_MATMAMBA_TUNE_PER_WIDTH
