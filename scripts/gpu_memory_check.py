@@ -69,7 +69,7 @@ def main() -> None:
             return model.loss(ids, width)
 
     def forward_backward(widths, direct):
-        """The training step's forward and backward (`MatMambaModule.training_step`): each width's
+        """The training step's forward and backward (`NestedModule.training_step`): each width's
         loss, weighted, backpropagated before the next width's forward."""
         for w in widths:
             (loss_at(w, direct) * (1.0 / len(widths))).backward()
