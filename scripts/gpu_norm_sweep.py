@@ -35,12 +35,28 @@ SEQLEN = 1024
 
 def main() -> None:
     kernel = importlib.import_module("lit_matmamba.kernels.gated_rmsnorm.kernel")
+    add_kernel = importlib.import_module("lit_matmamba.kernels.add_rmsnorm.kernel")
     partial_sums = importlib.import_module("lit_matmamba.kernels.partial_sums")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "norm-sweep.json"))
     args = ap.parse_args()
     rows, sums, failures = [], [], []
-    sm = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def time_sums(preset: str, name: str, shape: tuple[int, int]) -> None:
+        """`partial_sums.sum_rows` against `parts.sum(0)` on random float32 partial sums."""
+        parts = torch.randn(*shape, device="cuda")
+        entry = dict(preset=preset, op=name, shape=list(parts.shape))
+        entry["rel_err"] = rel_err(partial_sums.sum_rows(parts), parts.double().sum(0))
+        entry["torch_us"] = triton.testing.do_bench(lambda: parts.sum(0)) * 1e3
+        entry["sum_rows_us"] = triton.testing.do_bench(lambda: partial_sums.sum_rows(parts)) * 1e3
+        sums.append(entry)
+        if entry["rel_err"] > 1e-6:
+            failures.append(entry)
+        print(
+            f"{preset:8s} {name:13s} partial sums {shape}: torch {entry['torch_us']:5.1f} us, "
+            f"sum_rows {entry['sum_rows_us']:5.1f} us, rel err {entry['rel_err']:.1e}"
+        )
+
     torch.manual_seed(0)
     warm = True
     for preset, bsz in PRESETS.items():
@@ -80,22 +96,12 @@ def main() -> None:
                 f"backward {row['bwd_us']:7.1f} us ({5 * nbytes / row['bwd_us'] / 1e3:5.0f} GB/s)",
                 flush=True,
             )
-            # The weight gradient's partial sums: (programs, channels) float32, 4 programs an SM.
-            for name, parts in (
-                ("gated norm", torch.randn(4 * sm, d, device="cuda")),
-                ("add + RMSNorm", torch.randn(512, cfg.d_model, device="cuda")),
-            ):
-                entry = dict(preset=preset, op=name, shape=list(parts.shape))
-                entry["rel_err"] = rel_err(partial_sums.sum_rows(parts), parts.double().sum(0))
-                entry["torch_us"] = triton.testing.do_bench(lambda p=parts: p.sum(0)) * 1e3
-                entry["sum_rows_us"] = triton.testing.do_bench(lambda p=parts: partial_sums.sum_rows(p)) * 1e3
-                sums.append(entry)
-                if entry["rel_err"] > 1e-6:
-                    failures.append(entry)
-                print(
-                    f"{preset:8s} {name:13s} partial sums {tuple(parts.shape)}: torch {entry['torch_us']:5.1f} us, "
-                    f"sum_rows {entry['sum_rows_us']:5.1f} us, rel err {entry['rel_err']:.1e}"
-                )
+            # The gated norm's partial weight gradients: (programs, channels) float32.
+            time_sums(preset, "gated norm", (kernel._backward_programs(m, 1, y.device), d))
+        # add + RMSNorm's: (programs, d_model) float32 (float32 residual stream), the same at every width.
+        block_n = add_kernel._block_n(cfg.d_model, torch.float32)
+        programs = add_kernel._backward_programs(m, block_n, y.device)[2]
+        time_sums(preset, "add + RMSNorm", (programs, cfg.d_model))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(

@@ -162,6 +162,14 @@ def _backward_rows_per_program(rows: int, block_m: int, device: torch.device) ->
     return block_m * math.ceil(rows / (slots * block_m))
 
 
+def _backward_programs(rows: int, block_n: int, device: torch.device) -> tuple[int, int, int]:
+    """The backward's (BLOCK_M, rows a program, programs); the programs are dweight's partial sums."""
+    block_m = _block_m(block_n, rows, _BWD_TILE)
+    rows_per_program = max(_backward_rows_per_program(rows, block_m, device), 1)
+    n_programs = max(triton.cdiv(rows, rows_per_program), 1)  # no rows: one program writes dweight = 0
+    return block_m, rows_per_program, n_programs
+
+
 def _fwd(x, residual, weight, eps, out_dtype, acc_dtype):
     rows, channels = residual.shape
     block_n = _block_n(channels, acc_dtype)
@@ -202,9 +210,7 @@ def _bwd(residual_out, weight, rstd, dy, dres_out, dx_dtype, dres_dtype):
     dres = dx if shared else None
     if dres_dtype is not None and not shared:
         dres = _empty((rows, channels), residual_out, dres_dtype)  # (M, D)
-    block_m = _block_m(block_n, rows, _BWD_TILE)
-    rows_per_program = max(_backward_rows_per_program(rows, block_m, residual_out.device), 1)
-    n_programs = max(triton.cdiv(rows, rows_per_program), 1)  # no rows: one program writes dweight = 0
+    block_m, rows_per_program, n_programs = _backward_programs(rows, block_n, residual_out.device)
     dw_part = _empty((n_programs, channels), residual_out, residual_out.dtype)
     dres_out_ = dres_out if dres_out is not None else dy
     dx_ = dx if dx is not None else dw_part
