@@ -18,9 +18,12 @@ says how to install it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
+import json
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -97,7 +100,7 @@ def get_ssd_internals() -> types.SimpleNamespace:
     return types.SimpleNamespace(**{name: _private(*where) for name, where in _SSD_INTERNALS.items()})
 
 
-def clear_autotuning() -> int:
+def clear_autotuning(pins: bool = True) -> int:
     """Forgets the configurations mamba-ssm's loaded Triton kernels have chosen, so that the next
     calls tune afresh; returns how many autotuned kernels there are.
 
@@ -106,12 +109,70 @@ def clear_autotuning() -> int:
     every later one. A benchmark timing several models in one process clears the choices between
     them, so that each tunes the kernels for its own calls, as it would alone. (Adding the head count
     to the keys, so that each width of a nested model tunes for itself, was timed in the sixth run
-    and made no difference to the joint step; it was removed.)"""
-    loaded = [m for name, m in list(sys.modules.items()) if name.startswith(f"{_PACKAGE}.ops.triton.")]
-    tuners = list(_autotuners(loaded))
+    and made no difference to the joint step; it was removed.) Configurations pinned by
+    `pin_configs` stay, unless `pins` is False: then those keys tune too, until the next clearing."""
+    tuners = list(_autotuners(_loaded_modules()))
     for tuner in tuners:
         tuner.cache.clear()
+    if pins:
+        _apply_pins()
     return len(tuners)
+
+
+# kernel name -> [(autotuning key, config)], kept so that clear_autotuning does not forget them.
+_PINS: dict[str, list[tuple[tuple, object]]] = {}
+
+
+def pin_configs(table: dict[str, list[dict]]) -> int:
+    """Makes mamba-ssm's autotuned SSD kernels use the given configurations at the given autotuning
+    keys instead of tuning there; returns how many (kernel, key) pairs were pinned. Other keys tune
+    as usual, and `clear_autotuning` keeps the pins.
+
+    `table` is what `scripts/gpu_ssd_tune.py` writes: kernel name ->
+    [{"key": [...], "kwargs": {...}, "num_warps": w, "num_stages": s}, ...]. A pinned configuration is
+    one of the kernel's own (same block sizes, so its pre-hook too) with its warps and stages set.
+    Why: mamba-ssm's configuration lists were written for head dims of 64 and more; at other head dims
+    a configuration outside them can be faster, and tuning a longer list on every start costs minutes.
+    """
+    get_ssd_internals()  # imports the SSD modules
+    tuners = {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}
+    pins: dict[str, list[tuple[tuple, object]]] = {}
+    for name, entries in table.items():
+        tuner = tuners.get(name)
+        if tuner is None:
+            raise ValueError(f"no autotuned mamba-ssm kernel named {name!r} (have: {', '.join(sorted(tuners))})")
+        for entry in entries:
+            base = next((c for c in tuner.configs if c.kwargs == entry["kwargs"]), None)
+            if base is None:
+                raise ValueError(f"{name} has no configuration with block sizes {entry['kwargs']}")
+            config = copy.copy(base)  # keeps the pre-hook (e.g. zeroing an accumulated output)
+            config.num_warps, config.num_stages = int(entry["num_warps"]), int(entry["num_stages"])
+            pins.setdefault(name, []).append((tuple(entry["key"]), config))
+    _PINS.update(pins)
+    _apply_pins()
+    return sum(map(len, pins.values()))
+
+
+def pin_configs_from_env(variable: str = "LIT_MATMAMBA_SSD_CONFIGS") -> int:
+    """`pin_configs` with the JSON file the environment variable names, if it is set; returns the count."""
+    path = os.environ.get(variable)
+    if not path:
+        return 0
+    with open(path) as f:
+        return pin_configs(json.load(f))
+
+
+def _apply_pins() -> None:
+    if not _PINS:
+        return
+    tuners = {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}
+    for name, pins in _PINS.items():
+        for key, config in pins:
+            tuners[name].cache[key] = config
+
+
+def _loaded_modules() -> list[types.ModuleType]:
+    return [m for name, m in list(sys.modules.items()) if name.startswith(f"{_PACKAGE}.ops.triton.")]
 
 
 def _autotuners(modules):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
-from lit_matmamba.kernels.mamba_ssm_compat import clear_autotuning  # noqa: E402
+from lit_matmamba.kernels.mamba_ssm_compat import clear_autotuning, pin_configs_from_env  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 from lit_matmamba.models.flops import flops_per_token  # noqa: E402
 
@@ -160,6 +160,9 @@ def main() -> None:
         "env": {k: v for k, v in os.environ.items() if k.startswith("LIT_MATMAMBA_")},
     }
     t0 = time.time()
+    # LIT_MATMAMBA_SSD_CONFIGS: a table of scripts/gpu_ssd_tune.py, for the nested model's SSD kernels
+    # (the stock models tune for themselves: their section clears the pins).
+    results["pinned_ssd_configs"] = pin_configs_from_env()
     results["matmul_tflops"] = matmul_ceiling() / 1e12
     print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
 
@@ -181,7 +184,8 @@ def main() -> None:
     # (a) stock mamba-ssm, one standalone model per inner width.
     if not (args.skip_stock or args.joint_only):
         for w in grans:
-            clear_autotuning()  # each model tunes mamba-ssm's kernels for its own calls (docstring)
+            # Each model tunes mamba-ssm's kernels for its own calls (docstring); stock runs unpinned.
+            clear_autotuning(pins=False)
             expand = cfg.expand * w / cfg.d_model
             stock = stock_lm(cfg.d_model, cfg.n_layer, cfg.vocab_size, expand, cfg.headdim, cfg.chunk_size)
 

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ from kernel_testing import (
 
 from lit_matmamba.kernels import causal_conv1d, gated_rmsnorm, ssd_scan
 from lit_matmamba.kernels import mamba_ssm_compat as compat
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -357,6 +360,81 @@ def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
     tuned.cache[("b",)] = tuned.configs[0]
     assert compat.clear_autotuning() >= len(compat._SSD_INTERNALS) + 1
     assert scan._chunk_scan_fwd_kernel.cache == {} and tuned.cache == {}
+
+
+@requires_triton
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
+def test_pin_configs_sets_warps_and_stages_at_the_key(monkeypatch):
+    """A pinned configuration is the kernel's own (same block sizes and pre-hook) with the table's
+    warps and stages, used at its key only; clearing keeps it unless asked not to."""
+    monkeypatch.setattr(compat, "_PINS", {})
+    compat.get_ssd_internals()
+    dx = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")._chunk_scan_chunk_state_bwd_dx_kernel
+    base = dx.configs[3]
+    assert base.pre_hook is not None  # zeroes ddt: it must survive the pin
+    key = [128, 24, 128, "torch.bfloat16"]
+    table = {dx.base_fn.__name__: [dict(key=key, kwargs=dict(base.kwargs), num_warps=8, num_stages=1)]}
+    monkeypatch.setattr(dx, "cache", {})
+    assert compat.pin_configs(table) == 1
+    pinned = dx.cache[tuple(key)]
+    assert (pinned.kwargs, pinned.num_warps, pinned.num_stages) == (base.kwargs, 8, 1)
+    assert pinned.pre_hook is base.pre_hook and (base.num_warps, base.num_stages) != (8, 1)
+    assert len(dx.cache) == 1
+    compat.clear_autotuning()
+    assert dx.cache[tuple(key)] is pinned
+    compat.clear_autotuning(pins=False)
+    assert dx.cache == {}
+    compat.clear_autotuning()  # pins come back at the next clearing that keeps them
+    assert dx.cache[tuple(key)] is pinned
+
+
+@requires_triton
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
+def test_pin_configs_rejects_unknown_kernels_and_block_sizes(monkeypatch, tmp_path):
+    monkeypatch.setattr(compat, "_PINS", {})
+    entry = dict(key=[1], kwargs={"BLOCK_SIZE_M": 64}, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="no autotuned mamba-ssm kernel named 'not_a_kernel'"):
+        compat.pin_configs({"not_a_kernel": [entry]})
+    with pytest.raises(ValueError, match="has no configuration with block sizes"):
+        compat.pin_configs({"_chunk_scan_fwd_kernel": [dict(entry, kwargs={"BLOCK_SIZE_M": 3})]})
+    assert compat._PINS == {}  # nothing half-applied
+    monkeypatch.delenv("LIT_MATMAMBA_SSD_CONFIGS", raising=False)
+    assert compat.pin_configs_from_env() == 0
+    path = tmp_path / "table.json"
+    path.write_text('{"not_a_kernel": []}')
+    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(path))
+    with pytest.raises(ValueError, match="not_a_kernel"):
+        compat.pin_configs_from_env()
+
+
+def test_ssd_tune_chooses_one_config_for_all_widths():
+    """scripts/gpu_ssd_tune.py: the default is what the autotuner picks at full width and runs at every
+    width; the best minimises the call-weighted sum over widths; pins only beyond the minimum gain."""
+    spec = importlib.util.spec_from_file_location("gpu_ssd_tune", ROOT / "scripts" / "gpu_ssd_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    cid = lambda w, s: f'{{"kwargs": {{"M": 64}}, "num_stages": {s}, "num_warps": {w}}}'  # noqa: E731
+    a, b, c = cid(4, 3), cid(8, 1), cid(2, 2)
+    key, widths = (128, 24), [768, 96]
+    timings = {
+        ("default", "k", key, 768): {a: 1.0, cid(4, 4): 1.1},
+        ("default", "k", key, 96): {a: 0.5, cid(4, 4): 0.2},  # the default still runs a here
+        ("refined", "k", key, 768): {a: 1.0, b: 0.7, c: 0.6},
+        ("refined", "k", key, 96): {a: 0.5, b: 0.2, c: 0.5},  # c is best at 768 only
+        ("default", "slow", key, 768): {a: 1.0},
+        ("default", "slow", key, 96): {a: 1.0},
+        ("refined", "slow", key, 768): {b: 0.99},
+        ("refined", "slow", key, 96): {b: 0.99},
+    }
+    calls = {("k", key, 768): 2, ("k", key, 96): 2, ("slow", key, 768): 1, ("slow", key, 96): 1}
+    report, table = tune.choose(timings, calls, widths, min_gain=0.03)
+    by_kernel = {e["kernel"]: e for e in report}
+    k = by_kernel["k"]
+    assert k["default_config"]["num_warps"] == 4 and k["step_ms_default"] == pytest.approx(3.0)
+    assert (k["best_config"]["num_warps"], k["best_config"]["num_stages"]) == (8, 1)  # 1.8 < 2.2 (c)
+    assert k["step_ms_best"] == pytest.approx(1.8)
+    assert by_kernel["slow"]["step_ms_best"] == pytest.approx(1.98)  # 1% faster: reported, not pinned
+    assert table == {"k": [dict(key=[128, 24], kwargs={"M": 64}, num_warps=8, num_stages=1)]}
 
 
 # ---------------------------------------------------------------------------------------------------

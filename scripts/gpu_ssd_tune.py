@@ -1,0 +1,238 @@
+"""Tune the warps and pipeline stages of mamba-ssm's SSD kernels for a nested model's own calls, and
+write the best configurations as a table that `LIT_MATMAMBA_SSD_CONFIGS` (`pin_configs`) applies.
+
+mamba-ssm's autotuning lists were written for head dims of 64 and more, most with 4 warps and 3 or 4
+stages; the 130m preset has a head dim of 24. This script measures, with the autotuner's own timer,
+what other warps and stages would give:
+
+1. default: at each width of the preset (`clear_autotuning` before each), one forward and backward
+   with mamba-ssm's lists. Every kernel call is counted, and every configuration is timed.
+2. refined: the block sizes each kernel chose at the full width, with every warps x stages
+   combination of `--warps` x `--stages`; again each width.
+3. For each kernel and key, the configuration with the least time summed over the widths (one key
+   serves every width, so one configuration must serve them all), against what the default
+   autotuner picks at the full width and then runs at every width. The predicted saving of a joint
+   step is the sum over kernels and widths of (calls at that width) x (default - refined) time.
+
+    python scripts/gpu_ssd_tune.py --preset lm-130m --batch 16 --out $OUT/ssd-tune-130m.json
+    LIT_MATMAMBA_SSD_CONFIGS=$OUT/ssd-tune-130m.table.json python scripts/gpu_bench.py ... --joint-only
+
+Writes the report (`--out`) and the table beside it (`.table.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
+from lit_matmamba.kernels import mamba_ssm_compat  # noqa: E402
+from lit_matmamba.models import direct_weight_grads  # noqa: E402
+
+
+def describe(config) -> dict:
+    return dict(kwargs=dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def config_id(config) -> str:
+    return json.dumps(describe(config), sort_keys=True)
+
+
+class Recorder:
+    """Wraps each autotuner's `run`: counts calls per (kernel, key, width) and keeps the timings of
+    every tuning (configuration id -> median ms)."""
+
+    def __init__(self, tuners) -> None:
+        self.width = None
+        self.calls = defaultdict(int)  # (name, key, width) -> calls
+        self.timings = {}  # (phase, name, key, width) -> {config id: ms}
+        self.phase = "default"
+        for tuner in tuners:
+            self._wrap(tuner)
+
+    def _wrap(self, tuner) -> None:
+        name, run = tuner.base_fn.__name__, tuner.run
+
+        def recorded(*args, **kwargs):
+            before = set(tuner.cache)
+            out = run(*args, **kwargs)
+            for key in set(tuner.cache) - before:
+                times = getattr(tuner, "configs_timings", None) or {}
+                self.timings[(self.phase, name, key, self.width)] = {
+                    config_id(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in times.items()
+                }
+            if self.phase == "default":
+                # The key is computed inside run; the newest tuned or looked-up key is the last one.
+                self.calls[(name, self._key(tuner, args, kwargs), self.width)] += 1
+            return out
+
+        tuner.run = recorded
+
+    @staticmethod
+    def _key(tuner, args, kwargs):
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in tuner.arg_names}
+        key = [named[k] for k in tuner.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        return tuple(key)
+
+
+def choose(timings: dict, calls: dict, widths: list[int], min_gain: float = 0.0) -> tuple[list[dict], dict]:
+    """For each (kernel, key) tuned in the default phase: the configuration the default autotuner
+    runs (its best at the first, full width), and the one with the least call-weighted time over all
+    widths among those the refined phase timed. Returns the report and the table of pins: only the
+    keys where the best is faster than the default's pick by more than `min_gain` (a fraction).
+
+    timings: (phase, kernel, key, width) -> {config id: ms}; calls: (kernel, key, width) -> count."""
+    full, report, table = widths[0], [], {}
+    for name, key in sorted({(n, k) for (p, n, k, _) in timings if p == "default"}, key=str):
+        default = {w: timings.get(("default", name, key, w), {}) for w in widths}
+        refined = {w: timings.get(("refined", name, key, w), {}) for w in widths}
+        if not default[full] or not all(refined.values()):
+            continue
+        n_calls = {w: calls.get((name, key, w), 0) for w in widths}
+
+        def ms(cid: str, w: int, default=default, refined=refined) -> float:
+            return refined[w].get(cid, default[w].get(cid, math.inf))
+
+        picked = min(default[full], key=default[full].get)  # what the default autotuner runs everywhere
+        candidates = sorted(set(itertools.chain.from_iterable(refined[w] for w in widths)))
+        best = min(candidates, key=lambda c: sum(n_calls[w] * ms(c, w) for w in widths))
+        before = sum(n_calls[w] * default[w].get(picked, math.inf) for w in widths)
+        after = sum(n_calls[w] * ms(best, w) for w in widths)
+        report.append(
+            dict(
+                kernel=name,
+                key=list(key),
+                calls=n_calls,
+                default_config=json.loads(picked),
+                default_ms_per_width={w: default[w].get(picked) for w in widths},
+                best_config=json.loads(best),
+                best_ms_per_width={w: ms(best, w) for w in widths},
+                step_ms_default=before,
+                step_ms_best=after,
+            )
+        )
+        if after < before * (1 - min_gain):
+            table.setdefault(name, []).append(dict(key=list(key), **json.loads(best)))
+    return report, table
+
+
+def measure(model, ids: torch.Tensor, warps: list[int], stages: list[int], say=print) -> Recorder:
+    """The default then the refined phase (module docstring) on `model`'s widths; returns the
+    recorded calls and timings. mamba-ssm's configuration lists are restored afterwards."""
+    grans = list(model.config.granularities)
+    mamba_ssm_compat.get_ssd_internals()
+    tuners = {t.base_fn.__name__: t for t in mamba_ssm_compat._autotuners(mamba_ssm_compat._loaded_modules())}
+    originals = {name: list(t.configs) for name, t in tuners.items()}
+    rec = Recorder(tuners.values())
+
+    def each_width(phase: str) -> None:
+        rec.phase = phase
+        for w in grans:
+            mamba_ssm_compat.clear_autotuning(pins=False)
+            rec.width = w
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16), direct_weight_grads(True):
+                loss = model.loss(ids, w)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            say(f"{phase}: width {w} done")
+
+    try:
+        each_width("default")
+        # The block sizes each kernel chose at full width (any key), with every warps x stages.
+        for name, tuner in tuners.items():
+            chosen = {
+                min(times, key=times.get)
+                for (_, n, _, w), times in rec.timings.items()
+                if n == name and w == grans[0] and times
+            }
+            variants = {}
+            for cid in sorted(chosen):
+                base = next(c for c in originals[name] if config_id(c) == cid)
+                for nw, ns in itertools.product(warps, stages):
+                    c = type(base)(dict(base.kwargs), num_warps=nw, num_stages=ns, pre_hook=base.pre_hook)
+                    variants.setdefault(config_id(c), c)
+            if variants:
+                tuner.configs = list(variants.values())
+                say(f"{name}: {len(variants)} variants of {len(chosen)} block choice(s)")
+        each_width("refined")
+    finally:
+        for name, tuner in tuners.items():
+            tuner.configs = originals[name]
+        mamba_ssm_compat.clear_autotuning()
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="lm-130m")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warps", default="2,4,8", help="numbers of warps to try (comma-separated)")
+    ap.add_argument("--stages", default="1,2,3,4", help="numbers of pipeline stages to try")
+    ap.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.03,
+        help="pin a configuration only where it beats the default's pick by more than this fraction "
+        "(smaller differences are within the timer's repeatability)",
+    )
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "ssd-tune.json"))
+    args = ap.parse_args()
+    warps = [int(w) for w in args.warps.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MatMambaLM(MatMambaConfig.from_name(args.preset))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
+    grans = list(model.config.granularities)
+    rec = measure(model, ids, warps, stages, say)
+    report, table = choose(rec.timings, rec.calls, grans, args.min_gain)
+    for entry in report:
+        say(
+            f"{entry['kernel']} {entry['key']}: {entry['step_ms_default']:.2f} -> {entry['step_ms_best']:.2f} "
+            f"ms a joint step ({entry['best_config']})"
+        )
+    pinned = {(name, tuple(e["key"])) for name, entries in table.items() for e in entries}
+    saving_ms = sum(
+        e["step_ms_default"] - e["step_ms_best"] for e in report if (e["kernel"], tuple(e["key"])) in pinned
+    )
+    say(f"predicted joint-step saving (kernels alone, autotuner timings): {saving_ms:.2f} ms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = dict(
+        preset=args.preset,
+        batch=args.batch,
+        seq=args.seq,
+        device=torch.cuda.get_device_name(),
+        warps=warps,
+        stages=stages,
+        predicted_saving_ms=saving_ms,
+        kernels=report,
+    )
+    out.write_text(json.dumps(result, indent=2, default=str))
+    out.with_suffix(".table.json").write_text(json.dumps(table, indent=2))
+    say(f"wrote {out} and {out.with_suffix('.table.json')}")
+
+
+if __name__ == "__main__":
+    main()
