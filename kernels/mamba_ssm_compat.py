@@ -140,7 +140,9 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
     for name, entries in table.items():
         tuner = tuners.get(name)
         if tuner is None:
-            raise ValueError(f"no autotuned mamba-ssm kernel named {name!r} (have: {', '.join(sorted(tuners))})")
+            raise ValueError(
+                f"no autotuned mamba-ssm kernel named {name!r} (have: {', '.join(sorted(tuners))})"
+            )
         for entry in entries:
             base = next((c for c in tuner.configs if c.kwargs == entry["kwargs"]), None)
             if base is None:
