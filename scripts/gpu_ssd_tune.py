@@ -5,8 +5,8 @@ mamba-ssm's autotuning lists were written for head dims of 64 and more, most wit
 stages; the 130m preset has a head dim of 24. This script measures, with the autotuner's own timer,
 what other warps and stages would give:
 
-1. default: at each width of the preset (`clear_autotuning` before each), one forward and backward
-   with mamba-ssm's lists. Every kernel call is counted, and every configuration is timed.
+1. default: at each of `--widths` (`clear_autotuning` before each), one forward and backward with
+   mamba-ssm's lists. Every kernel call is counted, and every configuration is timed.
 2. refined: the block sizes each kernel chose at the full width, with every warps x stages
    combination of `--warps` x `--stages`; again each width.
 3. For each kernel and key, the configuration with the least time summed over the widths (one key
@@ -17,7 +17,9 @@ what other warps and stages would give:
     python scripts/gpu_ssd_tune.py --preset lm-130m --batch 16 --out $OUT/ssd-tune-130m.json
     LIT_MATMAMBA_SSD_CONFIGS=$OUT/ssd-tune-130m.table.json python scripts/gpu_bench.py ... --joint-only
 
-Writes the report (`--out`) and the table beside it (`.table.json`).
+Writes the report (`--out`) and the table beside it (`.table.json`) after each width of the refined
+phase, so a stopped run keeps the widths it finished. On an H200, one width of lm-130m takes about
+90 s a phase (most of it compiling); `--widths full` tunes at the full width alone.
 """
 
 from __future__ import annotations
@@ -129,10 +131,13 @@ def choose(timings: dict, calls: dict, widths: list[int], min_gain: float = 0.0)
     return report, table
 
 
-def measure(model, ids: torch.Tensor, warps: list[int], stages: list[int], say=print) -> Recorder:
-    """The default then the refined phase (module docstring) on `model`'s widths; returns the
-    recorded calls and timings. mamba-ssm's configuration lists are restored afterwards."""
-    grans = list(model.config.granularities)
+def measure(
+    model, ids: torch.Tensor, widths: list[int], warps: list[int], stages: list[int], say=print, done=None
+) -> Recorder:
+    """The default then the refined phase (module docstring) at `widths` (the full width first);
+    returns the recorded calls and timings, and passes them to `done(recorder, widths so far)` after
+    each width of the refined phase. mamba-ssm's configuration lists are restored afterwards."""
+    grans = list(widths)
     mamba_ssm_compat.get_ssd_internals()
     tuners = {t.base_fn.__name__: t for t in mamba_ssm_compat._autotuners(mamba_ssm_compat._loaded_modules())}
     originals = {name: list(t.configs) for name, t in tuners.items()}
@@ -150,6 +155,8 @@ def measure(model, ids: torch.Tensor, warps: list[int], stages: list[int], say=p
             if ids.is_cuda:
                 torch.cuda.synchronize()
             say(f"{phase}: width {w} done")
+            if phase == "refined" and done is not None:
+                done(rec, grans[: grans.index(w) + 1])
 
     try:
         each_width("default")
@@ -182,6 +189,11 @@ def main() -> None:
     ap.add_argument("--preset", default="lm-130m")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument(
+        "--widths",
+        default="all",
+        help="'all', 'full' or a comma-separated list (full width first): where to time the configurations",
+    )
     ap.add_argument("--warps", default="2,4,8", help="numbers of warps to try (comma-separated)")
     ap.add_argument("--stages", default="1,2,3,4", help="numbers of pipeline stages to try")
     ap.add_argument(
@@ -205,33 +217,49 @@ def main() -> None:
         model = MatMambaLM(MatMambaConfig.from_name(args.preset))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
     grans = list(model.config.granularities)
-    rec = measure(model, ids, warps, stages, say)
-    report, table = choose(rec.timings, rec.calls, grans, args.min_gain)
-    for entry in report:
-        say(
-            f"{entry['kernel']} {entry['key']}: {entry['step_ms_default']:.2f} -> {entry['step_ms_best']:.2f} "
-            f"ms a joint step ({entry['best_config']})"
-        )
-    pinned = {(name, tuple(e["key"])) for name, entries in table.items() for e in entries}
-    saving_ms = sum(
-        e["step_ms_default"] - e["step_ms_best"] for e in report if (e["kernel"], tuple(e["key"])) in pinned
+    widths = (
+        grans
+        if args.widths == "all"
+        else [grans[0]]
+        if args.widths == "full"
+        else [int(w) for w in args.widths.split(",")]
     )
-    say(f"predicted joint-step saving (kernels alone, autotuner timings): {saving_ms:.2f} ms")
+    if widths[0] != grans[0] or not set(widths) <= set(grans):
+        raise SystemExit(f"--widths: the preset's widths are {grans}; give the full width first")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(
-        preset=args.preset,
-        batch=args.batch,
-        seq=args.seq,
-        device=torch.cuda.get_device_name(),
-        warps=warps,
-        stages=stages,
-        predicted_saving_ms=saving_ms,
-        kernels=report,
-    )
-    out.write_text(json.dumps(result, indent=2, default=str))
-    out.with_suffix(".table.json").write_text(json.dumps(table, indent=2))
-    say(f"wrote {out} and {out.with_suffix('.table.json')}")
+
+    def write(rec: Recorder, measured: list[int]) -> None:
+        """The report and table over the widths measured so far (a stopped run keeps them)."""
+        report, table = choose(rec.timings, rec.calls, measured, args.min_gain)
+        pinned = {(name, tuple(e["key"])) for name, entries in table.items() for e in entries}
+        saving = sum(
+            e["step_ms_default"] - e["step_ms_best"]
+            for e in report
+            if (e["kernel"], tuple(e["key"])) in pinned
+        )
+        result = dict(
+            preset=args.preset,
+            batch=args.batch,
+            seq=args.seq,
+            device=torch.cuda.get_device_name(),
+            widths=measured,
+            warps=warps,
+            stages=stages,
+            min_gain=args.min_gain,
+            predicted_saving_ms=saving,
+            kernels=report,
+        )
+        out.write_text(json.dumps(result, indent=2, default=str))
+        out.with_suffix(".table.json").write_text(json.dumps(table, indent=2))
+        for e in report:
+            say(
+                f"{e['kernel']} {e['key'][:3]}: {e['step_ms_default']:.2f} -> {e['step_ms_best']:.2f} ms "
+                f"({e['best_config']['num_warps']} warps, {e['best_config']['num_stages']} stages)"
+            )
+        say(f"widths {measured}: predicted saving {saving:.2f} ms a joint step at these widths; wrote {out}")
+
+    measure(model, ids, widths, warps, stages, say, done=write)
 
 
 if __name__ == "__main__":
