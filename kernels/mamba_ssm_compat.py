@@ -155,13 +155,26 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
     return sum(map(len, pins.values()))
 
 
-def pin_configs_from_env(variable: str = "LIT_MATMAMBA_SSD_CONFIGS") -> int:
-    """`pin_configs` with the JSON file the environment variable names, if it is set; returns the count."""
-    path = os.environ.get(variable)
-    if not path:
+@functools.cache
+def use_tuned_configs(device_name: str) -> int:
+    """Pins (`pin_configs`) the configurations tuned for this GPU model (`kernels/ssd/tuned_configs.py`),
+    once per process; returns how many (kernel, key) pairs were pinned. The environment variable
+    LIT_MATMAMBA_SSD_CONFIGS replaces the table: a JSON file's path (what `scripts/gpu_ssd_tune.py`
+    writes), or `off` for mamba-ssm's own autotuning everywhere."""
+    from .ssd.tuned_configs import TABLES
+
+    choice = os.environ.get("LIT_MATMAMBA_SSD_CONFIGS", "").strip()
+    if choice.lower() == "off":
         return 0
-    with open(path) as f:
-        return pin_configs(json.load(f))
+    if choice:
+        try:
+            with open(choice) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"LIT_MATMAMBA_SSD_CONFIGS={choice!r}: not a readable JSON table ({e})") from e
+    else:
+        table = TABLES.get(device_name, {})
+    return pin_configs(table) if table else 0
 
 
 def _apply_pins() -> None:

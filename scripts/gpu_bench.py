@@ -13,7 +13,9 @@ mamba-ssm's autotuned kernels are shared by the stock and the nested models, and
 kept per process: before each stock model and before the nested model they are cleared
 (`clear_autotuning`), so each tunes them for its own calls as it would alone; the joint step runs the
 nested model's calls and keeps its choices. Until the sixth run the stock full-width model's first
-calls chose for everything after it.
+calls chose for everything after it. The nested model runs with the warps and stages tuned for this
+GPU model where there are any (`kernels/ssd/tuned_configs.py`; `LIT_MATMAMBA_SSD_CONFIGS=off` for
+mamba-ssm's own autotuning, or a table's path); the stock models never do.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_matmamba import MatMambaConfig, MatMambaLM  # noqa: E402
 from lit_matmamba.graphs import GraphedForward, GraphedJointStep  # noqa: E402
-from lit_matmamba.kernels.mamba_ssm_compat import clear_autotuning, pin_configs_from_env  # noqa: E402
+from lit_matmamba.kernels.mamba_ssm_compat import clear_autotuning, use_tuned_configs  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 from lit_matmamba.models.flops import flops_per_token  # noqa: E402
 
@@ -160,9 +162,10 @@ def main() -> None:
         "env": {k: v for k, v in os.environ.items() if k.startswith("LIT_MATMAMBA_")},
     }
     t0 = time.time()
-    # LIT_MATMAMBA_SSD_CONFIGS: a table of scripts/gpu_ssd_tune.py, for the nested model's SSD kernels
-    # (the stock models tune for themselves: their section clears the pins).
-    results["pinned_ssd_configs"] = pin_configs_from_env()
+    # The nested model's SSD kernels run with the warps and stages tuned for this GPU, as in training
+    # (kernels/ssd/tuned_configs.py, or LIT_MATMAMBA_SSD_CONFIGS); the stock models' section clears
+    # these pins, so that stock mamba-ssm tunes for itself.
+    results["pinned_ssd_configs"] = use_tuned_configs(torch.cuda.get_device_name())
     results["matmul_tflops"] = matmul_ceiling() / 1e12
     print(f"bf16 matmul ceiling: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
 

@@ -132,11 +132,21 @@ def choose(timings: dict, calls: dict, widths: list[int], min_gain: float = 0.0)
 
 
 def measure(
-    model, ids: torch.Tensor, widths: list[int], warps: list[int], stages: list[int], say=print, done=None
+    model,
+    ids: torch.Tensor,
+    widths: list[int],
+    warps: list[int],
+    stages: list[int],
+    say=print,
+    done=None,
+    kernels: set[str] | None = None,
+    all_blocks: bool = False,
 ) -> Recorder:
     """The default then the refined phase (module docstring) at `widths` (the full width first);
     returns the recorded calls and timings, and passes them to `done(recorder, widths so far)` after
-    each width of the refined phase. mamba-ssm's configuration lists are restored afterwards."""
+    each width of the refined phase. mamba-ssm's configuration lists are restored afterwards.
+    `kernels`: refine only these (the others run their default pick untimed); `all_blocks`: vary
+    every block size in the kernel's list, not only the one it chose."""
     grans = list(widths)
     mamba_ssm_compat.get_ssd_internals()
     tuners = {t.base_fn.__name__: t for t in mamba_ssm_compat._autotuners(mamba_ssm_compat._loaded_modules())}
@@ -167,15 +177,23 @@ def measure(
                 for (_, n, _, w), times in rec.timings.items()
                 if n == name and w == grans[0] and times
             }
+            if not chosen:
+                continue
+            if kernels is not None and name not in kernels:
+                pick = sorted(chosen)[0]
+                tuner.configs = [next(c for c in originals[name] if config_id(c) == pick)]  # untimed
+                continue
+            bases = [next(c for c in originals[name] if config_id(c) == cid) for cid in sorted(chosen)]
+            if all_blocks:
+                bases = list({json.dumps(c.kwargs, sort_keys=True): c for c in originals[name]}.values())
             variants = {}
-            for cid in sorted(chosen):
-                base = next(c for c in originals[name] if config_id(c) == cid)
+            for base in bases:
                 for nw, ns in itertools.product(warps, stages):
                     c = type(base)(dict(base.kwargs), num_warps=nw, num_stages=ns, pre_hook=base.pre_hook)
                     variants.setdefault(config_id(c), c)
             if variants:
                 tuner.configs = list(variants.values())
-                say(f"{name}: {len(variants)} variants of {len(chosen)} block choice(s)")
+                say(f"{name}: {len(variants)} variants of {len(bases)} block size(s)")
         each_width("refined")
     finally:
         for name, tuner in tuners.items():
@@ -194,6 +212,12 @@ def main() -> None:
         default="all",
         help="'all', 'full' or a comma-separated list (full width first): where to time the configurations",
     )
+    ap.add_argument("--kernels", default=None, help="refine only these kernels (comma-separated names)")
+    ap.add_argument(
+        "--all-blocks",
+        action="store_true",
+        help="vary every block size in a kernel's list, not only the one mamba-ssm's autotuner chose",
+    )
     ap.add_argument("--warps", default="2,4,8", help="numbers of warps to try (comma-separated)")
     ap.add_argument("--stages", default="1,2,3,4", help="numbers of pipeline stages to try")
     ap.add_argument(
@@ -205,6 +229,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "ssd-tune.json"))
     args = ap.parse_args()
+    # Tuning starts from mamba-ssm's own lists: no table may be pinned by the model's first forward.
+    os.environ["LIT_MATMAMBA_SSD_CONFIGS"] = "off"
     warps = [int(w) for w in args.warps.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
     t0 = time.time()
@@ -259,7 +285,8 @@ def main() -> None:
             )
         say(f"widths {measured}: predicted saving {saving:.2f} ms a joint step at these widths; wrote {out}")
 
-    measure(model, ids, widths, warps, stages, say, done=write)
+    kernels = set(args.kernels.split(",")) if args.kernels else None
+    measure(model, ids, widths, warps, stages, say, done=write, kernels=kernels, all_blocks=args.all_blocks)
 
 
 if __name__ == "__main__":

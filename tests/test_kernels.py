@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -398,13 +399,31 @@ def test_pin_configs_rejects_unknown_kernels_and_block_sizes(monkeypatch, tmp_pa
     with pytest.raises(ValueError, match="has no configuration with block sizes"):
         compat.pin_configs({"_chunk_scan_fwd_kernel": [dict(entry, kwargs={"BLOCK_SIZE_M": 3})]})
     assert compat._PINS == {}  # nothing half-applied
+
+
+@requires_triton
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
+def test_use_tuned_configs_pins_the_gpu_models_table_or_the_environments(monkeypatch, tmp_path):
+    """The shipped table fits the installed mamba-ssm (every kernel and block size exists); `off`
+    and GPUs without a table pin nothing; a path replaces the table; a bad path says so."""
+    from lit_matmamba.kernels.ssd.tuned_configs import TABLES
+
+    monkeypatch.setattr(compat, "_PINS", {})
+    use = compat.use_tuned_configs.__wrapped__  # the uncached function: the environment changes here
     monkeypatch.delenv("LIT_MATMAMBA_SSD_CONFIGS", raising=False)
-    assert compat.pin_configs_from_env() == 0
-    path = tmp_path / "table.json"
-    path.write_text('{"not_a_kernel": []}')
-    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(path))
-    with pytest.raises(ValueError, match="not_a_kernel"):
-        compat.pin_configs_from_env()
+    assert use("NVIDIA H200") == sum(map(len, TABLES["NVIDIA H200"].values())) > 0
+    assert use("a GPU without a table") == 0
+    monkeypatch.setattr(compat, "_PINS", {})
+    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", "off")
+    assert use("NVIDIA H200") == 0 and compat._PINS == {}
+    entry = dict(TABLES["NVIDIA H200"]["_chunk_scan_fwd_kernel"][0], num_warps=8)
+    (tmp_path / "table.json").write_text(json.dumps({"_chunk_scan_fwd_kernel": [entry]}))
+    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(tmp_path / "table.json"))
+    assert use("NVIDIA H200") == 1
+    assert [c.num_warps for _, c in compat._PINS["_chunk_scan_fwd_kernel"]] == [8]
+    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="missing.json.*not a readable JSON table"):
+        use("NVIDIA H200")
 
 
 def test_ssd_tune_chooses_one_config_for_all_widths():

@@ -26,7 +26,7 @@ import torch
 
 from ..backend import empty_output as _empty
 from ..gated_rmsnorm.kernel import _norm_bwd, _norm_fwd
-from ..mamba_ssm_compat import get_ssd_internals
+from ..mamba_ssm_compat import get_ssd_internals, use_tuned_configs
 from . import dcb_dda
 from .layout import split_xbc
 
@@ -35,6 +35,8 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xbc, zdt, A, D, dt_bias, norm_weight, ngroups, chunk_size, eps, norm_before_gate):
         m = get_ssd_internals()
+        if xbc.is_cuda:  # once per process: the warps and stages tuned for this GPU model, if any
+            use_tuned_configs(torch.cuda.get_device_name(xbc.device))
         bsz, seqlen, k, p1 = zdt.shape
         P, G = p1 - 1, ngroups
         x, Bm, Cm = split_xbc(xbc, G, k, P)  # (B, L, k, P), (B, L, G, N) x2: views

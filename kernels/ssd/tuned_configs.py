@@ -1,0 +1,123 @@
+"""Warps and pipeline stages for mamba-ssm's SSD kernels, measured per GPU model at the language
+presets' autotuning keys (chunk 128, state size 128, head dims 24 and 64, bf16 autocast), applied by
+`mamba_ssm_compat.use_tuned_configs` the first time the fused mixer core runs on such a GPU.
+
+Why: mamba-ssm's autotuning lists (written for head dims of 64 and more) offer these kernels few
+warps x stages combinations, mostly 4 or 5 stages; at the presets' keys fewer stages are faster.
+`scripts/gpu_ssd_tune.py` times every warps x stages combination (2, 4, 8 x 1, 2, 3, 4) of the block
+sizes mamba-ssm's autotuner chose, and a configuration is listed only where it beat that choice by
+more than 3%. The block sizes stay mamba-ssm's, so only the pipelining changes, not the arithmetic.
+
+"NVIDIA H200": seventh run, call 2 (BENCHMARKS.md), `gpu_ssd_tune.py --widths full` with
+`--preset lm-130m --batch 16` and `--preset lm-1.4b --batch 8`. The graphed joint step with these
+pinned against without: lm-130m 187.4 and 187.3 ms against 194.2 ms; lm-1.4b 415.5 against 425.1 ms.
+Keys hold the autotuner's key values followed by the dtypes of the kernel's tensor arguments.
+"""
+
+from __future__ import annotations
+
+TABLES: dict[str, dict[str, list[dict]]] = {
+    "NVIDIA H200": {
+        "_chunk_scan_chunk_state_bwd_dx_kernel": [
+            dict(
+                key=[
+                    128,
+                    24,
+                    128,
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                ],
+                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32},
+                num_warps=2,
+                num_stages=1,
+            ),
+            dict(
+                key=[
+                    128,
+                    64,
+                    128,
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                ],
+                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64},
+                num_warps=2,
+                num_stages=3,
+            ),
+        ],
+        "_chunk_scan_fwd_kernel": [
+            dict(
+                key=[
+                    128,
+                    24,
+                    128,
+                    True,
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                ],
+                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32},
+                num_warps=4,
+                num_stages=3,
+            ),
+            dict(
+                key=[
+                    128,
+                    64,
+                    128,
+                    True,
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                ],
+                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64},
+                num_warps=4,
+                num_stages=1,
+            ),
+        ],
+        "_chunk_state_fwd_kernel": [
+            dict(
+                key=[
+                    24,
+                    128,
+                    128,
+                    "torch.bfloat16",
+                    "torch.bfloat16",
+                    "torch.float32",
+                    "torch.float32",
+                    "torch.float32",
+                ],
+                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64},
+                num_warps=2,
+                num_stages=1,
+            ),
+        ],
+    },
+}
