@@ -131,8 +131,8 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
     `table` is what `scripts/gpu_ssd_tune.py` writes: kernel name ->
     [{"key": [...], "kwargs": {...}, "num_warps": w, "num_stages": s}, ...]. A pinned configuration is
     one of the kernel's own (same block sizes, so its pre-hook too) with its warps and stages set.
-    Why: mamba-ssm's configuration lists were written for head dims of 64 and more; at other head dims
-    a configuration outside them can be faster, and tuning a longer list on every start costs minutes.
+    Why: a configuration outside mamba-ssm's lists can be faster at a given key (BENCHMARKS.md,
+    seventh run), and tuning a longer list at every start would cost minutes.
     """
     get_ssd_internals()  # imports the SSD modules
     tuners = {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}

@@ -1,9 +1,9 @@
 """Tune the warps and pipeline stages of mamba-ssm's SSD kernels for a nested model's own calls, and
 write the best configurations as a table that `LIT_MATMAMBA_SSD_CONFIGS` (`pin_configs`) applies.
 
-mamba-ssm's autotuning lists were written for head dims of 64 and more, most with 4 warps and 3 or 4
-stages; the 130m preset has a head dim of 24. This script measures, with the autotuner's own timer,
-what other warps and stages would give:
+mamba-ssm's autotuning lists offer its SSD kernels few warps x stages combinations, mostly 4 or 5
+stages. This script measures, with the autotuner's own timer, what other warps and stages (and, with
+`--all-blocks`, the other block sizes in the lists) would give at a preset's calls:
 
 1. default: at each of `--widths` (`clear_autotuning` before each), one forward and backward with
    mamba-ssm's lists. Every kernel call is counted, and every configuration is timed.
@@ -18,8 +18,9 @@ what other warps and stages would give:
     LIT_MATMAMBA_SSD_CONFIGS=$OUT/ssd-tune-130m.table.json python scripts/gpu_bench.py ... --joint-only
 
 Writes the report (`--out`) and the table beside it (`.table.json`) after each width of the refined
-phase, so a stopped run keeps the widths it finished. On an H200, one width of lm-130m takes about
-90 s a phase (most of it compiling); `--widths full` tunes at the full width alone.
+phase, so a stopped run keeps the widths it finished. On an H200, the full width of lm-130m took 88 s
+in the default phase and 120 s in the refined one (most of it compiling), narrower widths up to 80 s
+a phase; `--widths full` tunes at the full width alone.
 """
 
 from __future__ import annotations
@@ -238,20 +239,22 @@ def main() -> None:
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
+    config = MatMambaConfig.from_name(args.preset)
+    grans = list(config.granularities)
+    if args.widths in ("all", "full"):
+        widths = grans if args.widths == "all" else grans[:1]
+    else:
+        widths = [int(w) for w in args.widths.split(",") if w.strip().isdigit()]
+    if not widths or widths[0] != grans[0] or not set(widths) <= set(grans):
+        raise SystemExit(
+            f"--widths: {args.preset}'s widths are {grans}; give some of them, the full width first"
+        )
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_ssd_tune.py times Triton kernels on a CUDA GPU; none is available here")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = MatMambaLM(MatMambaConfig.from_name(args.preset))
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device="cuda")
-    grans = list(model.config.granularities)
-    widths = (
-        grans
-        if args.widths == "all"
-        else [grans[0]]
-        if args.widths == "full"
-        else [int(w) for w in args.widths.split(",")]
-    )
-    if widths[0] != grans[0] or not set(widths) <= set(grans):
-        raise SystemExit(f"--widths: the preset's widths are {grans}; give the full width first")
+        model = MatMambaLM(config)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device="cuda")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
