@@ -244,7 +244,8 @@ def main() -> None:
     if args.widths in ("all", "full"):
         widths = grans if args.widths == "all" else grans[:1]
     else:
-        widths = [int(w) for w in args.widths.split(",") if w.strip().isdigit()]
+        parts = [w.strip() for w in args.widths.split(",")]
+        widths = [int(w) for w in parts] if all(w.isdigit() for w in parts) else []
     if not widths or widths[0] != grans[0] or not set(widths) <= set(grans):
         raise SystemExit(
             f"--widths: {args.preset}'s widths are {grans}; give some of them, the full width first"
