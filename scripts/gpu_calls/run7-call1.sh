@@ -2,6 +2,7 @@
 # models' calls (scripts/gpu_ssd_tune.py), then the graphed joint step with the tuned table pinned and
 # without; the full 1.4b benchmark with the autotuning cleared per model (never completed before);
 # the GPU tests not re-run since partial_sums.sum_rows.
+# Ran at commit f83163c.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o0/gpu.txt

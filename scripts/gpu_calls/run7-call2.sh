@@ -1,6 +1,7 @@
 # Seventh run, call 2 (4 GPUs): SSD warps and stages tuned at the full width only (call 1's tuning of
 # every width ran out of time), then the graphed joint step with the table pinned and without; the
 # full 130m benchmark with the autotuning cleared per model; the GPU tests call 1 did not reach.
+# Ran at commit c46f0bd.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 S=scripts/gpu_chunk_sweep.sh; P=LIT_MATMAMBA_SSD_CONFIGS; TUNE="python3 scripts/gpu_ssd_tune.py --widths full"

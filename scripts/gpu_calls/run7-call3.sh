@@ -3,6 +3,7 @@
 # for the five backward kernels the warps/stages tuning left alone, then the graphed joint step with
 # the shipped table plus what that found, against the shipped table alone; the GPU tests of the
 # pinned configurations and those calls 1 and 2 did not reach.
+# Ran at commit 96e6229.
 source scripts/gpu_install.sh
 for i in 0 1 2 3; do mkdir -p /tmp/o$i; done
 B="python3 scripts/gpu_bench.py --seq 1024 --reps 5"; S=scripts/gpu_chunk_sweep.sh; P=LIT_MATMAMBA_SSD_CONFIGS
