@@ -363,12 +363,19 @@ def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
     assert scan._chunk_scan_fwd_kernel.cache == {} and tuned.cache == {}
 
 
+@pytest.fixture
+def fresh_pins(monkeypatch):
+    """No pins before the test; afterwards, none left in mamba-ssm's autotuners for later tests."""
+    monkeypatch.setattr(compat, "_PINS", {})
+    yield
+    compat.clear_autotuning(pins=False)
+
+
 @requires_triton
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_pin_configs_sets_warps_and_stages_at_the_key(monkeypatch):
+def test_pin_configs_sets_warps_and_stages_at_the_key(monkeypatch, fresh_pins):
     """A pinned configuration is the kernel's own (same block sizes and pre-hook) with the table's
     warps and stages, used at its key only; clearing keeps it unless asked not to."""
-    monkeypatch.setattr(compat, "_PINS", {})
     compat.get_ssd_internals()
     dx = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")._chunk_scan_chunk_state_bwd_dx_kernel
     base = dx.configs[3]
@@ -391,8 +398,7 @@ def test_pin_configs_sets_warps_and_stages_at_the_key(monkeypatch):
 
 @requires_triton
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_pin_configs_rejects_unknown_kernels_and_block_sizes(monkeypatch, tmp_path):
-    monkeypatch.setattr(compat, "_PINS", {})
+def test_pin_configs_rejects_unknown_kernels_and_block_sizes(fresh_pins):
     entry = dict(key=[1], kwargs={"BLOCK_SIZE_M": 64}, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="no autotuned mamba-ssm kernel named 'not_a_kernel'"):
         compat.pin_configs({"not_a_kernel": [entry]})
@@ -403,12 +409,11 @@ def test_pin_configs_rejects_unknown_kernels_and_block_sizes(monkeypatch, tmp_pa
 
 @requires_triton
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_use_tuned_configs_pins_the_gpu_models_table_or_the_environments(monkeypatch, tmp_path):
+def test_use_tuned_configs_pins_the_gpu_models_table_or_the_environments(monkeypatch, tmp_path, fresh_pins):
     """The shipped table fits the installed mamba-ssm (every kernel and block size exists); `off`
     and GPUs without a table pin nothing; a path replaces the table; a bad path says so."""
     from lit_matmamba.kernels.ssd.tuned_configs import TABLES
 
-    monkeypatch.setattr(compat, "_PINS", {})
     use = compat.use_tuned_configs.__wrapped__  # the uncached function: the environment changes here
     monkeypatch.delenv("LIT_MATMAMBA_SSD_CONFIGS", raising=False)
     assert use("NVIDIA H200") == sum(map(len, TABLES["NVIDIA H200"].values())) > 0
