@@ -135,7 +135,7 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
     seventh run), and tuning a longer list at every start would cost minutes.
     """
     get_ssd_internals()  # imports the SSD modules
-    tuners = {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}
+    tuners = autotuners_by_name()
     pins: dict[str, list[tuple[tuple, object]]] = {}
     for name, entries in table.items():
         tuner = tuners.get(name)
@@ -147,8 +147,7 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
             base = next((c for c in tuner.configs if c.kwargs == entry["kwargs"]), None)
             if base is None:
                 raise ValueError(f"{name} has no configuration with block sizes {entry['kwargs']}")
-            config = copy.copy(base)  # keeps the pre-hook (e.g. zeroing an accumulated output)
-            config.num_warps, config.num_stages = int(entry["num_warps"]), int(entry["num_stages"])
+            config = config_variant(base, int(entry["num_warps"]), int(entry["num_stages"]))
             pins.setdefault(name, []).append((tuple(entry["key"]), config))
     _PINS.update(pins)
     _apply_pins()
@@ -177,10 +176,23 @@ def use_tuned_configs(device_name: str) -> int:
     return pin_configs(table) if table else 0
 
 
+def config_variant(base, num_warps: int, num_stages: int):
+    """A copy of a triton Config with other warps and stages; its block sizes and pre-hook (e.g.
+    zeroing an accumulated output) stay."""
+    config = copy.copy(base)
+    config.num_warps, config.num_stages = num_warps, num_stages
+    return config
+
+
+def autotuners_by_name() -> dict:
+    """Kernel name -> triton Autotuner, for mamba-ssm's loaded Triton modules."""
+    return {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}
+
+
 def _apply_pins() -> None:
     if not _PINS:
         return
-    tuners = {t.base_fn.__name__: t for t in _autotuners(_loaded_modules())}
+    tuners = autotuners_by_name()
     for name, pins in _PINS.items():
         for key, config in pins:
             tuners[name].cache[key] = config

@@ -44,12 +44,12 @@ from lit_matmamba.kernels import mamba_ssm_compat  # noqa: E402
 from lit_matmamba.models import direct_weight_grads  # noqa: E402
 
 
-def describe(config) -> dict:
-    return dict(kwargs=dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
-
-
 def config_id(config) -> str:
-    return json.dumps(describe(config), sort_keys=True)
+    """A configuration as JSON text: block sizes, warps and stages (what a table entry holds)."""
+    return json.dumps(
+        dict(kwargs=dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages),
+        sort_keys=True,
+    )
 
 
 class Recorder:
@@ -75,8 +75,7 @@ class Recorder:
                 self.timings[(self.phase, name, key, self.width)] = {
                     config_id(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in times.items()
                 }
-            if self.phase == "default":
-                # The key is computed inside run; the newest tuned or looked-up key is the last one.
+            if self.phase == "default":  # counted under the key the autotuner computes
                 self.calls[(name, self._key(tuner, args, kwargs), self.width)] += 1
             return out
 
@@ -150,7 +149,7 @@ def measure(
     every block size in the kernel's list, not only the one it chose."""
     grans = list(widths)
     mamba_ssm_compat.get_ssd_internals()
-    tuners = {t.base_fn.__name__: t for t in mamba_ssm_compat._autotuners(mamba_ssm_compat._loaded_modules())}
+    tuners = mamba_ssm_compat.autotuners_by_name()
     originals = {name: list(t.configs) for name, t in tuners.items()}
     rec = Recorder(tuners.values())
 
@@ -190,11 +189,10 @@ def measure(
             variants = {}
             for base in bases:
                 for nw, ns in itertools.product(warps, stages):
-                    c = type(base)(dict(base.kwargs), num_warps=nw, num_stages=ns, pre_hook=base.pre_hook)
+                    c = mamba_ssm_compat.config_variant(base, nw, ns)
                     variants.setdefault(config_id(c), c)
-            if variants:
-                tuner.configs = list(variants.values())
-                say(f"{name}: {len(variants)} variants of {len(bases)} block size(s)")
+            tuner.configs = list(variants.values())
+            say(f"{name}: {len(variants)} variants of {len(bases)} block size(s)")
         each_width("refined")
     finally:
         for name, tuner in tuners.items():

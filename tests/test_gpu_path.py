@@ -262,7 +262,7 @@ def test_tuned_ssd_configs_match_mamba_ssms_own(d_model, headdim, width, monkeyp
     compat.pin_configs(table)
     compat.clear_autotuning()  # forgets the choices above, keeps the pins
     pinned_loss, pinned_grads = loss_and_grads(fast)
-    tuners = {t.base_fn.__name__: t for t in compat._autotuners(compat._loaded_modules())}
+    tuners = compat.autotuners_by_name()
     checked = 0
     for name, entries in table.items():
         keys = {tuple(e["key"]) for e in entries}

@@ -22,6 +22,8 @@ internals are not importable.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backend import empty_output as _empty
@@ -31,12 +33,19 @@ from . import dcb_dda
 from .layout import split_xbc
 
 
+@functools.cache
+def _pin_tuned_configs(device_index: int) -> None:
+    """Once per device: the warps and stages tuned for this GPU model, if any (`use_tuned_configs`);
+    cached here so that a forward does not look the device's name up each time."""
+    use_tuned_configs(torch.cuda.get_device_name(device_index))
+
+
 class _SSDGatedRMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xbc, zdt, A, D, dt_bias, norm_weight, ngroups, chunk_size, eps, norm_before_gate):
         m = get_ssd_internals()
-        if xbc.is_cuda:  # once per process: the warps and stages tuned for this GPU model, if any
-            use_tuned_configs(torch.cuda.get_device_name(xbc.device))
+        if xbc.is_cuda:
+            _pin_tuned_configs(xbc.device.index)
         bsz, seqlen, k, p1 = zdt.shape
         P, G = p1 - 1, ngroups
         x, Bm, Cm = split_xbc(xbc, G, k, P)  # (B, L, k, P), (B, L, G, N) x2: views

@@ -21,107 +21,72 @@ Keys hold the autotuner's key values followed by the dtypes of the kernel's tens
 
 from __future__ import annotations
 
+# The dtypes of each kernel's tensor arguments under bf16 autocast: the end of its autotuning key.
+_DX_DTYPES = [
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.float32",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.bfloat16",
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.float32",
+]
+_SCAN_FWD_DTYPES = [
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.float32",
+]
+_STATE_FWD_DTYPES = ["torch.bfloat16", "torch.bfloat16", "torch.float32", "torch.float32", "torch.float32"]
+
+
+def _pin(key: list, dtypes: list[str], block_sizes: dict[str, int], num_warps: int, num_stages: int) -> dict:
+    return dict(key=[*key, *dtypes], kwargs=block_sizes, num_warps=num_warps, num_stages=num_stages)
+
+
+# Keys: (chunk size, head dim, state size) for dx; the same and IS_CAUSAL for the chunk scan;
+# (head dim, state size, chunk size) for the chunk state.
 TABLES: dict[str, dict[str, list[dict]]] = {
     "NVIDIA H200": {
         "_chunk_scan_chunk_state_bwd_dx_kernel": [
-            dict(
-                key=[
-                    128,
-                    24,
-                    128,
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                ],
-                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32},
-                num_warps=2,
-                num_stages=1,
+            _pin(
+                [128, 24, 128], _DX_DTYPES, {"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32}, 2, 1
             ),
-            dict(
-                key=[
-                    128,
-                    64,
-                    128,
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                ],
-                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64},
-                num_warps=2,
-                num_stages=3,
+            _pin(
+                [128, 64, 128], _DX_DTYPES, {"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64}, 2, 3
             ),
         ],
         "_chunk_scan_fwd_kernel": [
-            dict(
-                key=[
-                    128,
-                    24,
-                    128,
-                    True,
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                ],
-                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32},
-                num_warps=4,
-                num_stages=3,
+            _pin(
+                [128, 24, 128, True],
+                _SCAN_FWD_DTYPES,
+                {"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32},
+                4,
+                3,
             ),
-            dict(
-                key=[
-                    128,
-                    64,
-                    128,
-                    True,
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                ],
-                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64},
-                num_warps=4,
-                num_stages=1,
+            _pin(
+                [128, 64, 128, True],
+                _SCAN_FWD_DTYPES,
+                {"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64},
+                4,
+                1,
             ),
         ],
         "_chunk_state_fwd_kernel": [
-            dict(
-                key=[
-                    24,
-                    128,
-                    128,
-                    "torch.bfloat16",
-                    "torch.bfloat16",
-                    "torch.float32",
-                    "torch.float32",
-                    "torch.float32",
-                ],
-                kwargs={"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64},
-                num_warps=2,
-                num_stages=1,
+            _pin(
+                [24, 128, 128],
+                _STATE_FWD_DTYPES,
+                {"BLOCK_SIZE_K": 32, "BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64},
+                2,
+                1,
             ),
         ],
     },
