@@ -1,6 +1,8 @@
 """Peak GPU memory of the joint training step against the largest single width's step plus the
 optimizer state (issue 5's memory target), each measured from the same clean start. A single
 width's step is the joint step's code with that one width, so the two differ only in the widths.
+The target is measured two ways: the single width's forward and backward peak plus the state's
+bytes, and that width's whole training step (clipping, optimizer step) with the state allocated.
 Set PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True) to measure another allocator setting;
 the JSON records it.
 
@@ -128,6 +130,27 @@ def main() -> None:
             f"joint, {mode}: peak {out[f'joint_{mode}_peak_gib']:.4f} GiB vs target {out[f'target_{mode}_gib']:.4f} "
             f"(requested {out[f'joint_{mode}_requested_peak_gib']:.4f} vs {out[f'target_{mode}_requested_gib']:.4f})"
         )
+    # The same target measured as a whole: the largest width trained alone, its step with the
+    # clipping and the optimizer step, from the same start (optimizer state allocated). The sum
+    # above adds the state's bytes to a peak measured without it, so the allocator's rounding
+    # around the state's blocks counts only on the joint step's side.
+    largest = max(grans, key=lambda w: out["single_direct_peak_gib"][w])
+    out["single_train_width"] = largest
+    for mode, direct in modes:
+
+        def single_train(d=direct):
+            forward_backward([largest], d)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        out[f"single_train_{mode}_peak_gib"], _, out[f"single_train_{mode}_requested_peak_gib"] = peak(
+            single_train
+        )
+        say(
+            f"width {largest} trained alone, {mode}: peak {out[f'single_train_{mode}_peak_gib']:.4f} GiB "
+            f"(requested {out[f'single_train_{mode}_requested_peak_gib']:.4f})"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
@@ -138,6 +161,11 @@ def main() -> None:
             f"{mode} weight gradients: joint peak {out[f'joint_{mode}_peak_gib']:.4f} GiB vs largest single width "
             f"+ optimizer state {out[f'target_{mode}_gib']:.4f} GiB: {over:+.1f} MiB allocated, "
             f"{over_req:+.4f} MiB requested"
+        )
+        over_train = (out[f"joint_{mode}_peak_gib"] - out[f"single_train_{mode}_peak_gib"]) * 1024
+        print(
+            f"{mode} weight gradients: joint peak vs width {largest}'s own training step (with its optimizer "
+            f"state) {out[f'single_train_{mode}_peak_gib']:.4f} GiB: {over_train:+.1f} MiB allocated"
         )
 
 

@@ -3,6 +3,7 @@
 # recording its first step's losses (equal results, not only time); then, three at a time, the GPU
 # tests of the pinned configurations (7 of their 8 cases never ran on a GPU) and the rest of
 # test_gpu_path.py at this commit.
+# Ran at commit 91c2b80.
 source scripts/gpu_install.sh
 mkdir -p /tmp/o
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o/gpu.txt
