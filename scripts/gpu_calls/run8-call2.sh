@@ -2,6 +2,7 @@
 # (head dim 24 at D/8 and Mix'n'Match), alone on the GPU; beside them, the memory checks at this
 # commit, now also measuring the largest width's whole training step with its optimizer state
 # (memory is per process, so the two do not disturb each other's figures).
+# Ran at commit 66ef539.
 source scripts/gpu_install.sh
 mkdir -p /tmp/o
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o/gpu.txt
