@@ -1,6 +1,8 @@
 # Eighth run, call 3 (1 GPU): the full 1.4b benchmark at the closing code (the pin lookup was
 # reworked after the seventh run's benchmarks), alone on the GPU; then, in the time left, the GPU
 # tests of the graphs, nested linears, add + RMSNorm and cross-entropy kernels at this commit.
+# Ran at commit 7417c73. The benchmark was stopped by its 430 s limit after the eager joint step
+# with autograd's weight gradients (log: call3-bench-lm-1.4b-cut.log); the tests ran.
 source scripts/gpu_install.sh
 mkdir -p /tmp/o
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o/gpu.txt
