@@ -3,7 +3,10 @@
 # 1.4b benchmark again in the time left (call 3's stopped after its per-width rows; the rows print
 # as they finish, so a stopped run still gives a second sample of them). The outputs are packed
 # after each step, so a call cut short still brings back what finished.
-# Ran at commit COMMIT (the first launch, at be8f78e, never returned: the session restarted).
+# Ran at commit cb7009c (the first launch, at be8f78e, never returned: the session restarted).
+# The first tuned joint run met its 100 s limit while its kernels compiled on the fresh machine (no
+# row); the run without the table and the second tuned run finished; the full benchmark was stopped
+# after the eager joint step (call4-bench-lm-1.4b-cut.log).
 source scripts/gpu_install.sh
 mkdir -p /tmp/o
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > /tmp/o/gpu.txt
