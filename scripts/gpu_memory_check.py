@@ -78,8 +78,9 @@ def main() -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
-    def joint(direct):
-        forward_backward(grans, direct)
+    def train_step(widths, direct):
+        """A whole training step over `widths`: forward and backward, clipping, the AdamW step."""
+        forward_backward(widths, direct)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,7 +113,7 @@ def main() -> None:
             say(f"{mode}, width {w}: peak {singles[w]:.3f} GiB (requested {singles_req[w]:.3f} GiB)")
         out[f"single_{mode}_peak_gib"] = singles
         out[f"single_{mode}_requested_peak_gib"] = singles_req
-    joint(True)  # creates the optimizer state
+    train_step(grans, True)  # creates the optimizer state
     say("optimizer state created")
     state_gib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) / GIB
     out["optimizer_state_gib"] = state_gib
@@ -121,7 +122,7 @@ def main() -> None:
             out[f"joint_{mode}_peak_gib"],
             out["allocated_before_gib"],
             out[f"joint_{mode}_requested_peak_gib"],
-        ) = peak(lambda d=direct: joint(d))
+        ) = peak(lambda d=direct: train_step(grans, d))
         out[f"target_{mode}_gib"] = max(out[f"single_{mode}_peak_gib"].values()) + state_gib
         out[f"target_{mode}_requested_gib"] = (
             max(out[f"single_{mode}_requested_peak_gib"].values()) + state_gib
@@ -137,15 +138,8 @@ def main() -> None:
     largest = max(grans, key=lambda w: out["single_direct_peak_gib"][w])
     out["single_train_width"] = largest
     for mode, direct in modes:
-
-        def single_train(d=direct):
-            forward_backward([largest], d)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         out[f"single_train_{mode}_peak_gib"], _, out[f"single_train_{mode}_requested_peak_gib"] = peak(
-            single_train
+            lambda d=direct: train_step([largest], d)
         )
         say(
             f"width {largest} trained alone, {mode}: peak {out[f'single_train_{mode}_peak_gib']:.4f} GiB "
