@@ -345,6 +345,11 @@ def test_compat_broken_submodule_says_how_to_install(tmp_path, monkeypatch, no_m
         compat.get_mamba_chunk_scan_combined()
 
 
+def _kernel_for_the_autotuner(n):
+    """Never launched. A `def`, not a lambda: outside the interpreter (on a GPU) `triton.jit` finds
+    the kernel's source by its `def` line, and fails on a lambda."""
+
+
 @requires_triton
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
 def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
@@ -355,7 +360,7 @@ def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
     compat.get_ssd_internals()  # imports the SSD modules
     scan = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_scan")
     scan._chunk_scan_fwd_kernel.cache[("a", "key")] = scan._chunk_scan_fwd_kernel.configs[0]
-    tuned = triton.autotune([triton.Config({})], key=["n"])(triton.jit(lambda n: None))
+    tuned = triton.autotune([triton.Config({})], key=["n"])(triton.jit(_kernel_for_the_autotuner))
     wrapped = types.SimpleNamespace(kernel=triton.heuristics({"unused": lambda args: 0})(tuned), other=len)
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.wrapped_for_the_test", wrapped)
     tuned.cache[("b",)] = tuned.configs[0]
