@@ -169,11 +169,11 @@ def test_full_width_mixer_equals_plain_mamba2(ngroups):
 @pytest.mark.parametrize("width", [32, 16, 8], ids=lambda w: f"w{w}")
 def test_sub_width_equals_standalone_mixer_from_sliced_weights(width, ngroups):
     cfg = tiny_config(ngroups=ngroups)
-    assert cfg.is_valid_width(width)  # every width here is a whole number of heads per group
+    assert cfg.resolve(width) == [width] * cfg.n_layer  # a whole number of heads per group
     full = MatMambaMixer(cfg).double()
     sd = random_mamba_state_dict(cfg, full.nheads)
     full.load_state_dict(sd)
-    k = cfg.heads_at(width)
+    k = cfg.heads(width)
     standalone = MatMambaMixer(cfg, width).double()
     standalone.load_state_dict(slice_mamba_state_dict(sd, cfg, full.nheads, k))
     u = torch.randn(2, 13, cfg.d_model, dtype=F64)
@@ -195,8 +195,8 @@ def test_gradients_at_a_width_reach_only_its_slice(width):
     in_idx, conv_idx = mamba_to_internal_index(mixer)
     g_in = torch.empty_like(grads["in_proj.weight"]).index_copy_(0, in_idx, grads["in_proj.weight"])
     g_conv = torch.empty_like(grads["conv1d.weight"]).index_copy_(0, conv_idx, grads["conv1d.weight"])
-    k, P, H, GN2 = cfg.heads_at(width), cfg.headdim, mixer.nheads, 2 * cfg.ngroups * cfg.d_state
-    hp, kp = H * P, cfg.heads_at(width) * P
+    k, P, H, GN2 = cfg.heads(width), cfg.headdim, mixer.nheads, 2 * cfg.ngroups * cfg.d_state
+    hp, kp = H * P, cfg.heads(width) * P
     used_rows = torch.zeros(g_in.shape[0], dtype=torch.bool)
     used_rows[:kp] = used_rows[hp : hp + kp] = used_rows[2 * hp : 2 * hp + GN2] = True
     used_rows[2 * hp + GN2 : 2 * hp + GN2 + k] = True
@@ -232,8 +232,8 @@ def test_prefill_then_decode_equals_forward(lm, width):
     prefill = lm(ids[:, :9], width, cache)
     torch.testing.assert_close(prefill, full[:, :9])
     # the cache is sized to the width in use, not the full width
-    for state, w in zip(cache.states, lm.widths(width)):
-        assert state.ssm.shape[1] == lm.config.heads_at(w)
+    for state, w in zip(cache.states, lm.config.resolve(width)):
+        assert state.ssm.shape[1] == lm.config.heads(w)
     steps = [lm.step(ids[:, t], cache) for t in range(9, 21)]
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:])
     assert cache.seqlen_offset == 21
@@ -292,10 +292,20 @@ def test_invalid_widths_raise_clear_errors(lm, width, message):
     assert "allowed" in str(err.value) or "entries" in str(err.value) or "must be" in str(err.value)
 
 
+def test_config_checks_its_layer_widths_and_gives_the_papers_granularities():
+    assert MatMambaConfig.from_name("lm-130m").default_granularities() == (768, 384, 192, 96)
+    mixed = tiny_config(layer_widths=(32, 8))  # an extracted Mix'n'Match model: layer 1 is narrower
+    assert mixed.resolve(None) == [32, 8] and mixed.default_granularities() == (8, 4)
+    with pytest.raises(ValueError, match="layer_widths: width 6 is not valid for layer 1"):
+        tiny_config(layer_widths=(32, 6))
+    with pytest.raises(ValueError, match="layer_widths: a per-layer width needs 2 entries"):
+        tiny_config(layer_widths=(32,))
+
+
 def test_state_dict_uses_mamba_ssm_names_and_shapes():
     cfg = tiny_config(n_layer=2, vocab_size=61, pad_vocab_size_multiple=16)
     sd = MatMambaLM(cfg).state_dict()
-    H, P, GN = cfg.nheads, cfg.headdim, cfg.ngroups * cfg.d_state
+    H, P, GN = cfg.heads(cfg.d_model), cfg.headdim, cfg.ngroups * cfg.d_state
     expected = {
         "backbone.embedding.weight": (64, 32),
         "backbone.norm_f.weight": (32,),
@@ -372,8 +382,15 @@ def test_presets_have_the_papers_sizes():
     for name, n in sizes.items():
         assert abs(n / expected[name] - 1) < 0.06, (name, n)
     c = MatMambaConfig.from_name("lm-130m")
-    assert (c.d_state, c.d_conv, c.expand, c.ngroups, c.nheads, c.chunk_size) == (128, 4, 2, 1, 64, 128)
-    assert c.granularities == (768, 384, 192, 96)
+    assert (c.d_state, c.d_conv, c.expand, c.ngroups, c.heads(c.d_model), c.chunk_size) == (
+        128,
+        4,
+        2,
+        1,
+        64,
+        128,
+    )
+    assert c.default_granularities() == (768, 384, 192, 96)
     with pytest.raises(ValueError, match="unknown preset"):
         MatMambaConfig.from_name("lm-7b")
 

@@ -107,7 +107,7 @@ def test_joint_step_gradients_equal_with_direct_grads(proj_bias):
     )
     model = MatMambaLM(cfg)
     ids = torch.randint(0, 61, (2, 17))
-    widths = [*cfg.granularities, [16, 32]]
+    widths = [*cfg.default_granularities(), [16, 32]]
     losses, expected = joint_grads(model, ids, widths, direct=False, autocast=False)
     losses_d, got = joint_grads(model, ids, widths, direct=True, autocast=False)
     torch.testing.assert_close(losses_d, losses)
@@ -121,7 +121,7 @@ def test_joint_step_gradients_close_under_bf16_autocast():
     torch.manual_seed(0)
     model = MatMambaLM("lm-tiny")
     ids = torch.randint(0, model.config.vocab_size, (2, 17))
-    widths = list(model.config.granularities)
+    widths = list(model.config.default_granularities())
     losses, expected = joint_grads(model, ids, widths, direct=False, autocast=True)
     losses_d, got = joint_grads(model, ids, widths, direct=True, autocast=True)
     torch.testing.assert_close(losses_d, losses, rtol=1e-2, atol=1e-2)

@@ -1,7 +1,7 @@
 """Plain-PyTorch MatMamba models: no Lightning here, so they run anywhere (a notebook, a server)."""
 
 from .backbone import Block, InferenceCache, MatMambaStack, NestedModel
-from .config import PRESETS, MatMambaConfig, allowed_width_step, resolve_widths
+from .config import PRESETS, MatMambaConfig, Width
 from .lm import MatMambaLM
 from .mixer import MatMambaMixer, MixerState
 from .nested_linear import direct_weight_grads, nested_linear
@@ -19,8 +19,7 @@ __all__ = [
     "MatMambaVision",
     "MixerState",
     "NestedModel",
-    "allowed_width_step",
     "direct_weight_grads",
     "nested_linear",
-    "resolve_widths",
+    "Width",
 ]

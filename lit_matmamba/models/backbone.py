@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +10,9 @@ from torch import nn
 
 from lit_matmamba.kernels import add_rmsnorm
 
-from .config import MatMambaConfig, resolve_widths
+from .config import MatMambaConfig, Width
+from .flops import flops_per_token, param_count
 from .mixer import MatMambaMixer, MixerState
-
-Width = int | Sequence[int] | None
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -111,14 +109,11 @@ class MatMambaStack(nn.Module):
 
 
 class NestedModel(nn.Module):
-    """What every MatMamba model shares: width resolution, caches, counts, extraction."""
+    """What every MatMamba model shares: caches, counts, extraction. Every method taking a `Width`
+    resolves it once with `self.config.resolve` (the glossary is in `models/config.py`)."""
 
     config: MatMambaConfig
     backbone: MatMambaStack
-
-    def widths(self, width: Width) -> list[int]:
-        """Per-layer widths for `width` (None, an int, or one int per layer); ValueError if invalid."""
-        return resolve_widths(self.config, width)
 
     def _init_weights(self) -> None:
         """mamba-ssm's initialisation: small embeddings, out_proj scaled down by sqrt(n_layer)."""
@@ -137,7 +132,7 @@ class NestedModel(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ) -> InferenceCache:
-        widths = self.widths(width)
+        widths = self.config.resolve(width)
         states = [
             layer.mixer.allocate_state(batch_size, w, dtype, device)
             for layer, w in zip(self.backbone.layers, widths)
@@ -145,7 +140,7 @@ class NestedModel(nn.Module):
         return InferenceCache(widths, states)
 
     def _check_cache(self, cache: InferenceCache, width: Width) -> list[int]:
-        widths = self.widths(width) if width is not None else cache.widths
+        widths = self.config.resolve(width) if width is not None else cache.widths
         if widths != cache.widths:
             raise ValueError(f"the cache was allocated for widths {cache.widths}, not {widths}")
         return widths
@@ -153,10 +148,7 @@ class NestedModel(nn.Module):
     def extract(self, width: Width) -> NestedModel:
         """A standalone, physically smaller model of the same class that computes what this one
         computes at `width` (Mix'n'Match widths give a model with a different width per layer)."""
-        widths = self.widths(width)
-        smallest = min(widths)
-        grans = tuple(g for g in self.config.granularities if g <= smallest) or (smallest,)
-        config = self.config.replace(layer_widths=tuple(widths), granularities=grans)
+        config = self.config.replace(layer_widths=tuple(self.config.resolve(width)))
         sub = self._new_like(config)
         sub.to(device=next(self.parameters()).device, dtype=next(self.parameters()).dtype)
         own = dict(self.named_parameters())
@@ -175,15 +167,11 @@ class NestedModel(nn.Module):
     # Counts ----------------------------------------------------------------------------------
     def num_params(self, width: Width = None) -> int:
         """Parameters the sub-model of `width` uses (what `extract(width)` would hold)."""
-        from .flops import param_count
-
-        return param_count(self, self.widths(width))
+        return param_count(self, self.config.resolve(width))
 
     def flops_per_token(
         self, width: Width = None, training: bool = True, seq_len: int | None = None
     ) -> float:
         """Model FLOPs per token: 2 (6 when training) x matmul parameters used at `width`
         (head included) plus the SSD scan (x3 when training). See `lit_matmamba.models.flops`."""
-        from .flops import flops_per_token
-
-        return flops_per_token(self, self.widths(width), training=training, seq_len=seq_len)
+        return flops_per_token(self, self.config.resolve(width), training=training, seq_len=seq_len)

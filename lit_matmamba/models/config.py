@@ -1,4 +1,21 @@
-"""One config dataclass for every MatMamba model, with named presets."""
+"""One config dataclass for every MatMamba model, its named presets, and the width vocabulary.
+
+Glossary: one name for one idea, here and everywhere in the package.
+
+- *width*: how wide a nested sub-model is, in units of `d_model`. A layer at width `m` uses the
+  first `expand * m` inner channels of its mixer, that is the first `heads(m) = expand * m / headdim`
+  heads. Width `d_model` is the full mixer; the paper's D/2 is width `d_model // 2`.
+- `Width`: what a caller asks for. None (every layer at its full width), an int (every layer at
+  that width) or a sequence of one int per layer (a *Mix'n'Match* width).
+- *layer widths*: a `Width` resolved to one int per layer (`MatMambaConfig.resolve`). That is the
+  one place where a width is checked; everything past it (blocks, mixers, kernels) trusts it. The
+  config field `layer_widths` holds the full model's layer widths, what `resolve(None)` returns:
+  `d_model` everywhere, except in a model `extract`ed at a Mix'n'Match width.
+- *granularities*: the widths trained together, each on every batch (the paper's term). They are
+  set in one place, the training module's `granularities` argument (default:
+  `MatMambaConfig.default_granularities()`, the paper's D, D/2, D/4, D/8), and recorded in its
+  checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+Width = int | Sequence[int] | None
+
 
 @dataclass
 class MatMambaConfig:
-    """Sizes and options of a MatMamba model (language or vision).
-
-    A *width* is measured in units of `d_model`: the full mixer has inner width
-    `expand * d_model`; the sub-model of width `m` uses the first `expand * m` inner channels,
-    i.e. the first `expand * m / headdim` heads. The paper's granularities are D, D/2, D/4, D/8.
-    """
+    """Sizes and options of a MatMamba model (language or vision); widths as in the glossary above."""
 
     d_model: int = 768
     n_layer: int = 24
@@ -39,9 +53,7 @@ class MatMambaConfig:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     A_init_range: tuple[float, float] = (1.0, 16.0)
-    # Nested widths trained jointly; None: (D, D/2, D/4, D/8).
-    granularities: tuple[int, ...] | None = None
-    # Full width of each layer; None: d_model everywhere. `extract()` sets it for Mix'n'Match models.
+    # The full model's layer widths; None: d_model everywhere (`extract` sets it for Mix'n'Match).
     layer_widths: tuple[int, ...] | None = None
     # Which implementation runs the ops: "auto" (Triton kernels on CUDA, reference on CPU),
     # "reference" or "triton" (see lit_matmamba.kernels.backend).
@@ -61,49 +73,71 @@ class MatMambaConfig:
                 raise ValueError(f"d_model={self.d_model} is not a multiple of 32; set headdim explicitly")
             self.headdim = self.d_model // 32
         self.A_init_range = tuple(self.A_init_range)
-        if self.layer_widths is None:
-            self.layer_widths = (self.d_model,) * self.n_layer
-        self.layer_widths = tuple(int(w) for w in self.layer_widths)
-        if len(self.layer_widths) != self.n_layer:
-            raise ValueError(f"layer_widths has {len(self.layer_widths)} entries for n_layer={self.n_layer}")
-        for i, w in enumerate(self.layer_widths):
-            if w <= 0 or w > self.d_model or (self.expand * w) % self.headdim:
-                raise ValueError(
-                    f"layer_widths[{i}]={w} is not a whole number of heads of width "
-                    f"{allowed_width_step(self)} up to d_model={self.d_model}"
-                )
-            if self.heads_at(w) % self.ngroups:
-                raise ValueError(
-                    f"layer_widths[{i}]={w} gives {self.heads_at(w)} heads, not a multiple of "
-                    f"ngroups={self.ngroups}"
-                )
-        if self.granularities is None:
-            self.granularities = tuple(
-                self.d_model // f for f in (1, 2, 4, 8) if self.is_valid_width(self.d_model // f)
-            )
-        self.granularities = tuple(int(g) for g in self.granularities)
+        given = self.layer_widths
+        self.layer_widths = (self.d_model,) * self.n_layer  # resolve() checks `given` against these
+        if given is not None:
+            try:
+                self.layer_widths = tuple(self.resolve(list(given)))
+            except ValueError as err:
+                raise ValueError(f"layer_widths: {err}") from None
 
-    # Derived sizes -------------------------------------------------------------------------
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def nheads(self) -> int:
-        return self.d_inner // self.headdim
-
-    def heads_at(self, width: int) -> int:
+    # Widths ----------------------------------------------------------------------------------
+    def heads(self, width: int) -> int:
+        """Heads of a mixer at `width` (a valid width; see `resolve`)."""
         return self.expand * width // self.headdim
 
-    def is_valid_width(self, width: int, layer: int | None = None) -> bool:
-        limit = self.d_model if layer is None else self.layer_widths[layer]
-        return (
-            isinstance(width, int)
-            and not isinstance(width, bool)
-            and 0 < width <= limit
-            and (self.expand * width) % self.headdim == 0
-            and self.heads_at(width) % self.ngroups == 0
-        )
+    @property
+    def width_step(self) -> int:
+        """The smallest width, and the step between widths: the width of `ngroups` heads."""
+        heads = self.ngroups
+        # expand * width = heads * headdim, so width = heads * headdim / expand, in whole heads
+        # (a multiple of ngroups) when expand does not divide headdim.
+        while (heads * self.headdim) % self.expand:
+            heads += self.ngroups
+        return heads * self.headdim // self.expand
+
+    def resolve(self, width: Width) -> list[int]:
+        """The layer widths of `width`: None (each layer's full width), an int (every layer) or one
+        int per layer (Mix'n'Match). The one place that checks a width: raises ValueError naming
+        the allowed widths."""
+        n = self.n_layer
+        if width is None:
+            return list(self.layer_widths)
+        if isinstance(width, int) and not isinstance(width, bool):
+            widths = [width] * n
+        elif isinstance(width, Sequence) and not isinstance(width, str):
+            widths = list(width)
+            if len(widths) != n:
+                raise ValueError(f"a per-layer width needs {n} entries (one per layer), got {len(widths)}")
+        else:
+            raise ValueError(f"width must be None, an int or a sequence of {n} ints, got {width!r}")
+        step = self.width_step
+        for i, w in enumerate(widths):
+            try:
+                if isinstance(w, bool):
+                    raise TypeError
+                w = widths[i] = operator.index(w)  # accepts numpy and 0-d tensor integers
+            except TypeError:
+                raise ValueError(f"widths must be whole numbers, got {w!r} for layer {i}") from None
+            if not (0 < w <= self.layer_widths[i] and w % step == 0):
+                raise ValueError(
+                    f"width {w!r} is not valid for layer {i}: allowed widths are multiples of {step} "
+                    f"from {step} to {self.layer_widths[i]} (whole heads of headdim={self.headdim} at "
+                    f"expand={self.expand}"
+                    + (f", in multiples of ngroups={self.ngroups} heads" if self.ngroups > 1 else "")
+                    + ")"
+                )
+        return widths
+
+    def default_granularities(self) -> tuple[int, ...]:
+        """The paper's granularities D, D/2, D/4, D/8 (those that are valid widths of every layer),
+        widest first."""
+        out = []
+        for f in (1, 2, 4, 8):
+            w = min(self.layer_widths) // f
+            if w > 0 and w % self.width_step == 0:
+                out.append(w)
+        return tuple(out)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -134,9 +168,9 @@ class MatMambaConfig:
 
 
 # Chunk 128 rather than Mamba2's 256 for the language models: the chunk size only sets how the
-# scan is blocked (the function is the same), and the graphed joint step measured faster with 128
-# on an H200 at both ends of the range, 130m and 1.4b (BENCHMARKS.md, fourth run). 370m and 790m
-# follow them unmeasured.
+# scan is blocked (the function is the same), and the graphed joint step is faster with 128 on an
+# H200 at both ends of the range, 130m and 1.4b (`main.py bench speed --chunk_size`). 370m and
+# 790m follow them unmeasured.
 _LM = dict(vocab_size=50277, chunk_size=128)
 _VISION = dict(img_size=224, patch_size=16, num_classes=1000, drop_path_rate=0.1, drop_rate=0.1)
 
@@ -178,46 +212,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_widths(config: MatMambaConfig, width: int | Sequence[int] | None) -> list[int]:
-    """The width of every layer for `width`: None (each layer's full width), an int (all layers)
-    or a sequence of one int per layer (Mix'n'Match). Raises ValueError naming the allowed widths."""
-    n = config.n_layer
-    if width is None:
-        return list(config.layer_widths)
-    if isinstance(width, int) and not isinstance(width, bool):
-        widths = [width] * n
-    elif isinstance(width, Sequence) and not isinstance(width, str):
-        widths = list(width)
-        if len(widths) != n:
-            raise ValueError(f"a per-layer width needs {n} entries (one per layer), got {len(widths)}")
-    else:
-        raise ValueError(f"width must be None, an int or a sequence of {n} ints, got {width!r}")
-    for i, w in enumerate(widths):
-        try:
-            if isinstance(w, bool):
-                raise TypeError
-            w = widths[i] = operator.index(w)  # accepts numpy and 0-d tensor integers
-        except TypeError:
-            raise ValueError(f"widths must be whole numbers, got {w!r} for layer {i}") from None
-        if not config.is_valid_width(w, i):
-            raise ValueError(
-                f"width {w!r} is not valid for layer {i}: allowed widths are multiples of "
-                f"{allowed_width_step(config)} from {allowed_width_step(config)} to {config.layer_widths[i]} "
-                f"(whole heads of headdim={config.headdim} at expand={config.expand}"
-                + (f", in multiples of ngroups={config.ngroups} heads" if config.ngroups > 1 else "")
-                + f"); the trained granularities are {list(config.granularities)}"
-            )
-    return widths
-
-
-def allowed_width_step(config: MatMambaConfig) -> int:
-    """Smallest valid width: the width of `ngroups` heads."""
-    heads = config.ngroups
-    # expand * width = heads * headdim  ->  width = heads * headdim / expand, rounded up to a whole
-    # number of heads when expand does not divide headdim.
-    while (heads * config.headdim) % config.expand:
-        heads += config.ngroups
-    return heads * config.headdim // config.expand
-
-
-__all__ = ["MatMambaConfig", "PRESETS", "resolve_widths", "allowed_width_step"]
+__all__ = ["MatMambaConfig", "PRESETS", "Width"]

@@ -13,19 +13,18 @@ Training FLOPs per token = 6 x matmul parameters + 3 x SSD FLOPs; inference = 2 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-if TYPE_CHECKING:
-    from .backbone import NestedModel
-    from .mixer import MatMambaMixer
+from .mixer import MatMambaMixer
+
+# The functions take any MatMamba model (a `NestedModel`: `config`, `backbone.layers[i].mixer`, and
+# `lm_head` or `head`); they do not import it, so that the model can import them.
 
 
 def _mixer_params(mixer: MatMambaMixer, width: int) -> tuple[int, int]:
     """(all parameters, matmul parameters) the mixer reads at `width`."""
     cfg = mixer.config
-    k = mixer.heads_at(width)
+    k = cfg.heads(width)
     P, D = cfg.headdim, cfg.d_model
     rows = mixer.d_bc + k * P + k * (P + 1)
     conv_ch = mixer.d_bc + k * P
@@ -36,13 +35,13 @@ def _mixer_params(mixer: MatMambaMixer, width: int) -> tuple[int, int]:
     return in_proj + out_proj + conv + 3 * k + k * P, matmul
 
 
-def _head_matmul_params(model: NestedModel) -> int:
+def _head_matmul_params(model: nn.Module) -> int:
     head = getattr(model, "lm_head", None) or getattr(model, "head", None)
     extra = model.patch_embed.weight.numel() if hasattr(model, "patch_embed") else 0
     return extra + sum(p.numel() for m in head.modules() if isinstance(m, nn.Linear) for p in [m.weight])
 
 
-def param_count(model: NestedModel, widths: list[int]) -> int:
+def param_count(model: nn.Module, widths: list[int]) -> int:
     seen: set[int] = set()
     total = 0
     for name, p in model.named_parameters():  # named_parameters() yields a tied weight once
@@ -53,24 +52,24 @@ def param_count(model: NestedModel, widths: list[int]) -> int:
     return total + sum(_mixer_params(layer.mixer, w)[0] for layer, w in zip(model.backbone.layers, widths))
 
 
-def matmul_params(model: NestedModel, widths: list[int]) -> int:
+def matmul_params(model: nn.Module, widths: list[int]) -> int:
     mixers = sum(_mixer_params(layer.mixer, w)[1] for layer, w in zip(model.backbone.layers, widths))
     return mixers + _head_matmul_params(model)
 
 
-def ssd_flops_per_token(model: NestedModel, widths: list[int], seq_len: int | None = None) -> float:
+def ssd_flops_per_token(model: nn.Module, widths: list[int], seq_len: int | None = None) -> float:
     cfg = model.config
     q = cfg.chunk_size if seq_len is None else min(cfg.chunk_size, seq_len)
     N, P, G = cfg.d_state, cfg.headdim, cfg.ngroups
     total = 0.0
     for w in widths:
-        k = cfg.heads_at(w)
+        k = cfg.heads(w)
         total += 2 * q * N * G + 2 * q * k * P + 4 * k * P * N
     return total
 
 
 def flops_per_token(
-    model: NestedModel, widths: list[int], training: bool = True, seq_len: int | None = None
+    model: nn.Module, widths: list[int], training: bool = True, seq_len: int | None = None
 ) -> float:
     mm = matmul_params(model, widths)
     ssd = ssd_flops_per_token(model, widths, seq_len)

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from .backbone import Width
-from .config import MatMambaConfig
+from .config import MatMambaConfig, Width
 from .lm import MatMambaLM
 
 # Mamba2 layer defaults in mamba-ssm 2.x (mamba_ssm/modules/mamba2.py), used when ssm_cfg omits them.
@@ -46,8 +45,7 @@ def mamba_ssm_config(config: MatMambaConfig, width: int | None = None) -> dict[s
     width = config.d_model if width is None else width
     if len(set(config.layer_widths)) != 1:
         raise ValueError("mamba-ssm models have one inner width for every layer; this model's layers differ")
-    if not config.is_valid_width(width, 0):
-        raise ValueError(f"width {width} is not a valid width of this model")
+    config.resolve(width)  # raises ValueError naming the valid widths
     expand = config.expand * width / config.d_model
     # mamba-ssm 2.3.2 computes d_inner = (expand * d_model) // world_size: a float expand gives a
     # float size and the layer fails to build, so write whole numbers as ints.
@@ -107,19 +105,9 @@ def config_from_mamba_ssm(cfg: dict[str, Any], **overrides: Any) -> MatMambaConf
     # integer and make every layer's full width smaller instead.
     expand = max(1, math.ceil(ssm["expand"]))
     width, rem = divmod(int(d_inner), expand)
-    layer_widths = None
     if rem:
         raise ValueError(f"expand={ssm['expand']}: inner width {int(d_inner)} is not a multiple of {expand}")
-    if width != d_model:
-        layer_widths = (width,) * cfg["n_layer"]
-        overrides.setdefault(
-            "granularities",
-            tuple(
-                width // f
-                for f in (1, 2, 4, 8)
-                if (expand * (width // f)) % ssm["headdim"] == 0 and width % f == 0
-            ),
-        )
+    layer_widths = (width,) * cfg["n_layer"] if width != d_model else None
     fields = dict(
         d_model=d_model,
         n_layer=cfg["n_layer"],
@@ -147,7 +135,7 @@ def config_from_mamba_ssm(cfg: dict[str, Any], **overrides: Any) -> MatMambaConf
 def load_mamba_ssm(path: str | os.PathLike, **overrides: Any) -> MatMambaLM:
     """A `MatMambaLM` from a mamba-ssm checkpoint directory (config.json + pytorch_model.bin),
     ready to become the starting point of nested training. `overrides` set config fields
-    (e.g. `granularities`)."""
+    (e.g. `chunk_size`)."""
     path = Path(path)
     for name in ("config.json", "pytorch_model.bin"):
         if not (path / name).is_file():

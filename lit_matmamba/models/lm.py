@@ -7,8 +7,8 @@ from torch import nn
 
 from lit_matmamba.kernels import cross_entropy
 
-from .backbone import InferenceCache, MatMambaStack, NestedModel, Width
-from .config import MatMambaConfig
+from .backbone import InferenceCache, MatMambaStack, NestedModel
+from .config import MatMambaConfig, Width
 from .nested_linear import direct_grads_apply, nested_linear
 
 
@@ -58,7 +58,7 @@ class MatMambaLM(NestedModel):
     ) -> torch.Tensor:
         """input_ids: (B, L) -> features (B, L, d_model). With `cache`, continues the cached
         sequence and updates the cache (prefill)."""
-        widths = self.widths(width) if cache is None else self._check_cache(cache, width)
+        widths = self.config.resolve(width) if cache is None else self._check_cache(cache, width)
         h = self.backbone.embedding(input_ids)  # (B, L, D)
         h = self.backbone(h, widths, cache)
         if cache is not None:
@@ -86,12 +86,16 @@ class MatMambaLM(NestedModel):
             return nested_linear(h, head.weight, head.bias)
         return head(h)
 
-    def loss(self, input_ids: torch.Tensor, width: Width = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over (B, L-1) predictions, a 0-d float32 tensor (float64
-        for a float64 model). The logits go to the `cross_entropy` op (`config.backend`) in their
-        dtype, bf16 under autocast: its Triton kernel computes in float32 without a float32 copy."""
+    def loss(self, input_ids: torch.Tensor, width: Width = None, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of input_ids (B, L): the mean over the (B, L-1) predictions, a
+        0-d float32 tensor (float64 for a float64 model), or with `reduction="none"` one loss per
+        prediction, (B * (L-1),). The logits go to the `cross_entropy` op (`config.backend`) in
+        their dtype, bf16 under autocast: its Triton kernel computes in float32 without a float32
+        copy of the logits."""
         logits = self(input_ids[:, :-1], width)  # (B, L-1, V)
-        return cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), backend=self.config.backend)
+        return cross_entropy(
+            logits.flatten(0, 1), input_ids[:, 1:].flatten(), backend=self.config.backend, reduction=reduction
+        )
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """One decoding step at the cache's widths. input_ids: (B,) -> logits (B, V)."""

@@ -54,21 +54,21 @@ class MatMambaMixer(nn.Module):
     """Mamba2 mixer whose sub-mixers of fewer heads share its weights.
 
     Args:
-        config: model sizes; `width` below is in units of `config.d_model`.
+        config: model sizes; widths are in units of `config.d_model` (see `models/config.py`).
         width: the full width of this mixer (`config.layer_widths[i]`); d_model by default.
+
+    `forward` and `step` take a layer width already checked by `MatMambaConfig.resolve` (the models
+    resolve every `Width` once, before the first layer).
     """
 
     def __init__(self, config: MatMambaConfig, width: int | None = None) -> None:
         super().__init__()
         self.config = config
         width = config.d_model if width is None else width
-        self.full_width = width
         P, G, N = config.headdim, config.ngroups, config.d_state
-        self.nheads = config.heads_at(width)
-        H = self.nheads
-        self.d_inner = H * P
+        self.nheads = H = config.heads(width)
         self.d_bc = 2 * G * N
-        self.conv_dim = self.d_bc + self.d_inner
+        self.conv_dim = self.d_bc + H * P
         self.zdt_offset = self.conv_dim  # first row of the (z, dt) head blocks in in_proj
         d_in_proj = self.conv_dim + H * (P + 1)
 
@@ -89,21 +89,15 @@ class MatMambaMixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*config.A_init_range)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(self.d_inner)
-        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.proj_bias)
+        self.norm = GatedRMSNorm(H * P)
+        self.out_proj = nn.Linear(H * P, config.d_model, bias=config.proj_bias)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
         self._register_state_dict_hook(_to_mamba_layout)
         self._register_load_state_dict_pre_hook(_from_mamba_layout, with_module=True)
 
-    # Sizes at a width ------------------------------------------------------------------------
-    def heads_at(self, width: int) -> int:
-        k = self.config.heads_at(width)
-        if not 0 < k <= self.nheads or not self.config.is_valid_width(width) or k % self.config.ngroups:
-            raise ValueError(f"width {width} is not valid for a mixer of full width {self.full_width}")
-        return k
-
+    # State and views at a width --------------------------------------------------------------
     def allocate_state(
         self,
         batch_size: int,
@@ -111,7 +105,7 @@ class MatMambaMixer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ) -> MixerState:
-        k = self.heads_at(width)
+        k = self.config.heads(width)
         P, N = self.config.headdim, self.config.d_state
         dtype = dtype or self.conv1d.weight.dtype
         device = device or self.conv1d.weight.device
@@ -156,7 +150,7 @@ class MatMambaMixer(nn.Module):
         (prefill for decoding).
         """
         cfg, backend = self.config, self.config.backend
-        k = self.heads_at(width)
+        k = cfg.heads(width)
         v = self._views(k)
         xbc, zdt = self._in_proj(u, v, k)
         conv_init = None if state is None else state.conv
@@ -185,7 +179,7 @@ class MatMambaMixer(nn.Module):
 
     def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
         """One decoding step. u: (B, d_model) -> (B, d_model); updates `state` in place."""
-        k = self.heads_at(width)
+        k = self.config.heads(width)
         if state.ssm.shape[1] != k:
             raise ValueError(f"the state holds {state.ssm.shape[1]} heads but width {width} uses {k}")
         v = self._views(k)

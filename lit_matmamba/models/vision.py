@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import MatMambaStack, NestedModel, Width
-from .config import MatMambaConfig
+from .backbone import MatMambaStack, NestedModel
+from .config import MatMambaConfig, Width
 
 
 class ClassifierHead(nn.Module):
@@ -81,7 +81,7 @@ class MatMambaVision(NestedModel):
     def forward_features(self, images: torch.Tensor, width: Width = None) -> torch.Tensor:
         """images: (B, C, H, W) -> pooled features (B, d_model). H and W need only be multiples
         of the patch size."""
-        widths = self.widths(width)
+        widths = self.config.resolve(width)
         p = self.config.patch_size
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
@@ -96,3 +96,11 @@ class MatMambaVision(NestedModel):
     def forward(self, images: torch.Tensor, width: Width = None) -> torch.Tensor:
         """images: (B, C, H, W) -> head outputs, e.g. logits (B, num_classes)."""
         return self.head(self.forward_features(images, width))
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor, width: Width = None) -> torch.Tensor:
+        """Cross-entropy of the logits at `width` in float32, a 0-d tensor. `targets` are class
+        indices (B,) or soft targets (B, num_classes), as mixup and cutmix make."""
+        logits = self(images, width).float()  # (B, num_classes)
+        if targets.is_floating_point():
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets)
