@@ -3,21 +3,21 @@
 A small sub-model launches as many kernels as the full one, each doing less work, so at small
 widths the step is bound by kernel launches, not by the GPU. Replaying a captured CUDA graph
 launches the whole step at once. Shapes are fixed at capture; inputs are copied into static
-buffers before each replay.
+buffers before each replay. The training side captures the joint step of every granularity
+(`lit_matmamba.training.joint.capture_joint_step`) through `GraphedTrainStep`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from lit_matmamba.models.nested_linear import direct_weight_grads as direct_grads
+from lit_matmamba.models.config import Width
 
-Width = int | Sequence[int] | None
 Batch = torch.Tensor | tuple | list | dict
 
 
@@ -36,9 +36,8 @@ class GraphedForward:
 
     With `frozen_weights` (for serving), the graph reads a snapshot of the parameters taken at
     capture, with the `nn.Linear` weights in it cast to the autocast dtype: replaying autocast's
-    casts would re-read every float32 weight on each call (2.0 of 56.6 ms of kernels in a full-width
-    lm-1.4b forward, BENCHMARKS.md fourth run). The graph
-    serves the snapshot until `refresh()`: an optimizer step or `load_state_dict` afterwards is not
+    casts would re-read every float32 weight on each call (3.5% of the kernel time of a
+    full-width lm-1.4b forward on an H200). The graph serves the snapshot until `refresh()`: an optimizer step or `load_state_dict` afterwards is not
     seen (fused AdamW does not even bump the version counters, so it cannot be detected cheaply).
     The snapshot costs 2 bytes per linear weight and a copy of the other parameters. Without it
     (default), every replay reads the current parameters and casts, as an eager autocast forward.
@@ -64,7 +63,7 @@ class GraphedForward:
         overrides = self.snapshot.tensors if self.snapshot else {}
 
         def run() -> torch.Tensor:
-            with torch.no_grad(), _autocast(autocast_dtype):
+            with torch.no_grad(), graph_autocast(autocast_dtype):
                 # tie_weights=False: a tied embedding reads its float32 copy, the head the cast one.
                 return torch.func.functional_call(
                     model, overrides, (self.static_input,), {"width": width}, tie_weights=False, strict=False
@@ -111,56 +110,41 @@ class _Snapshot:
             self.tensors[name].copy_(p.detach())  # in place: captured graphs read these buffers
 
 
-class GraphedJointStep:
-    """Forward and backward of `weight * loss_fn(model, batch, width)` for every width, then
-    gradient clipping, captured as one CUDA graph; the optimizer steps outside it.
+class GraphedTrainStep:
+    """A training step's forward and backward, then gradient clipping, captured as one CUDA graph;
+    the optimizer steps outside it.
+
+    `forward_backward(batch)` runs the forward and backward passes and returns the losses (a
+    tensor); for a nested model that is the joint step, `lit_matmamba.training.joint.capture_joint_step`
+    builds this. Its autocast must not cache weight casts: use `graph_autocast`, since a cast cached
+    outside the capture would be replayed stale.
 
     Capture needs fixed shapes: the batch (a tensor or a tuple/list/dict of tensors) is copied into
     static buffers before each replay. After a call, every parameter's `.grad` holds this step's
     gradients (written afresh, not accumulated across calls), ready for any optimizer's `step()`.
     The optimizer stays out of the graph so that learning-rate schedules, non-capturable optimizers
-    and the trainer's step counting work as usual; its one or few launches cost little.
-
-    Warm-up (autotuning, lazy initialisation) runs forward and backward only: the weights do not
-    change before the first call. Autocast runs without its weight cache (a cast cached outside the
-    capture would be replayed stale). `direct_weight_grads` as in `lit_matmamba.models.nested_linear`.
-
-    Example:
-        step = GraphedJointStep(model, batch, [768, 384, 192, 96], [0.25] * 4, lambda m, b, w: m.loss(b, w))
-        losses, grad_norm = step(batch)  # (len(widths),), ()
-        optimizer.step()
+    and the trainer's step counting work as usual; its one or few launches cost little. Warm-up
+    (autotuning, lazy initialisation) runs forward and backward only: the weights do not change
+    before the first call.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        forward_backward: Callable[[Batch], torch.Tensor],
         example: Batch,
-        widths: Sequence[Width],
-        weights: Sequence[float],
-        loss_fn: Callable[[nn.Module, Batch, Width], torch.Tensor],
+        params: Iterable[torch.Tensor],
         max_grad_norm: float | None = 1.0,
-        autocast_dtype: torch.dtype | None = torch.bfloat16,
-        direct_weight_grads: bool = True,
     ) -> None:
         if not all(isinstance(t, torch.Tensor) for t in tree_leaves(example)):
             raise TypeError(
                 "a batch for CUDA graphs holds tensors in tuples, lists and dicts, and nothing else"
             )
         self.static_batch = tree_map(torch.clone, example)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in params if p.requires_grad]
         limit = max_grad_norm if max_grad_norm else math.inf
 
-        def forward_backward() -> torch.Tensor:
-            losses = []
-            for width, weight in zip(widths, weights):
-                with _autocast(autocast_dtype), direct_grads(direct_weight_grads):
-                    loss = loss_fn(model, self.static_batch, width)
-                (loss * weight).backward()
-                losses.append(loss.detach())
-            return torch.stack(losses)
-
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            losses = forward_backward()
+            losses = forward_backward(self.static_batch)
             norm = torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)
             return losses, norm
 
@@ -179,8 +163,8 @@ class GraphedJointStep:
         self.static_grads = [p.grad for p in self.params]  # None for parameters the loss does not use
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replays the step on `batch` (same shapes as the example); returns the per-width losses
-        (len(widths),) and the gradient norm before clipping (static buffers: clone to keep)."""
+        """Replays the step on `batch` (same shapes as the example); returns the losses and the
+        gradient norm before clipping (static buffers, overwritten by the next call: clone to keep)."""
         if not self.matches(batch):
             raise ValueError("the batch's structure, shapes or dtypes differ from the captured example's")
         for static, new in zip(tree_leaves(self.static_batch), tree_leaves(batch)):
@@ -196,7 +180,9 @@ class GraphedJointStep:
         return _spec(batch) == _spec(self.static_batch)
 
 
-def _autocast(dtype: torch.dtype | None) -> torch.autocast:
+def graph_autocast(dtype: torch.dtype | None) -> torch.autocast:
+    """CUDA autocast to `dtype` (None: off) without the weight-cast cache, for code run inside a
+    CUDA graph capture: a cast cached outside the capture would be replayed stale."""
     return torch.autocast(
         "cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
     )

@@ -137,16 +137,13 @@ def test_graphed_joint_step_equals_the_eager_step():
     """Losses, gradient norm and every gradient of the replayed step equal plain autograd's
     (the graph uses direct weight gradients), on two different batches: the second replay
     rewrites the gradients instead of adding to the first's. Capture changes no weight."""
-    from lit_matmamba.graphs import GraphedJointStep
+    from lit_matmamba.training.joint import capture_joint_step
 
     fast, _ = pair(torch.float32)
     eager = copy.deepcopy(fast)
     widths, weights = [256, 128, 64, 32], [0.4, 0.3, 0.2, 0.1]
-
-    def loss_fn(model, batch, width):
-        return model.loss(batch, width)
-
-    step = GraphedJointStep(fast, torch.randint(0, 1000, (2, 129), device="cuda"), widths, weights, loss_fn)
+    example = torch.randint(0, 1000, (2, 129), device="cuda")
+    step = capture_joint_step(fast.loss, example, widths, weights, fast.parameters())
     assert all(torch.equal(a, b) for a, b in zip(fast.parameters(), eager.parameters()))
     for seed in (1, 2):
         batch = torch.randint(
@@ -217,7 +214,7 @@ def test_direct_weight_grads_match_autograd_on_the_gpu(dtype):
     grads = []
     for direct in (False, True):
         fast.zero_grad(set_to_none=True)
-        for width in fast.config.granularities:
+        for width in fast.config.default_granularities():
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
             with autocast, direct_weight_grads(direct):
                 loss = fast.loss(ids, width) / 4
@@ -226,54 +223,3 @@ def test_direct_weight_grads_match_autograd_on_the_gpu(dtype):
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     for name, g_ref in grads[0].items():
         assert rel(grads[1][name], g_ref) < tol, (name, rel(grads[1][name], g_ref))
-
-
-@pytest.mark.parametrize("d_model, headdim", [(96, 24), (256, 64)], ids=["headdim24", "headdim64"])
-@pytest.mark.parametrize("width", [None, "half", "eighth", "mixnmatch"])
-def test_tuned_ssd_configs_match_mamba_ssms_own(d_model, headdim, width, monkeypatch):
-    """The warps and stages pinned for the H200 (kernels/ssd/tuned_configs.py) at the LM presets'
-    autotuning keys (chunk 128, state 128, head dim 24 or 64, bf16 autocast): each pinned kernel's
-    calls use the pinned configuration, and the loss and every gradient equal those of mamba-ssm's
-    own autotuned configurations (same block sizes: only the pipelining and the warps differ), at
-    each width. test_gpu_path_matches_reference compares that path with the reference."""
-    from lit_matmamba.kernels import mamba_ssm_compat as compat
-    from lit_matmamba.kernels.ssd.tuned_configs import TABLES
-
-    table = TABLES["NVIDIA H200"]
-    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", "off")  # only this test's pins, on any GPU
-    cfg = dict(d_model=d_model, n_layer=2, vocab_size=1000, d_state=128, headdim=headdim, chunk_size=128)
-    torch.manual_seed(0)
-    fast = MatMambaLM(MatMambaConfig(**cfg, backend="triton")).cuda()
-    ref = MatMambaLM(MatMambaConfig(**cfg, backend="reference")).cuda()
-    ref.load_state_dict(fast.state_dict())
-    w = {None: None, "half": d_model // 2, "eighth": d_model // 8}.get(width, [d_model, d_model // 8])
-    ids = torch.randint(0, 1000, (2, 300), device="cuda")  # 300: not a multiple of the chunk size
-
-    def loss_and_grads(model):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(ids, w)
-        loss.backward()
-        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    monkeypatch.setattr(compat, "_PINS", {})
-    compat.clear_autotuning()  # mamba-ssm's own choices, tuned afresh for these calls
-    own_loss, own_grads = loss_and_grads(fast)
-    compat.pin_configs(table)
-    compat.clear_autotuning()  # forgets the choices above, keeps the pins
-    pinned_loss, pinned_grads = loss_and_grads(fast)
-    tuners = compat.autotuners_by_name()
-    checked = 0
-    for name, entries in table.items():
-        keys = {tuple(e["key"]) for e in entries}
-        if any(headdim in k[:2] for k in keys):  # keys start with chunk size and head dim, either order
-            assert set(tuners[name].cache) <= keys, f"{name} tuned a key instead of running its pin"
-            checked += 1
-    assert checked, "the table pins nothing at this head dim"
-    assert abs(pinned_loss - own_loss) < 1e-3 * abs(own_loss)
-    assert own_grads.keys() == pinned_grads.keys()
-    for name, g in own_grads.items():
-        assert rel(pinned_grads[name], g) < 1e-2, (name, rel(pinned_grads[name], g))
-    ref_loss, _ = loss_and_grads(ref)
-    assert abs(pinned_loss - ref_loss) < 2e-2 * abs(ref_loss)
-    compat.clear_autotuning(pins=False)  # later tests tune afresh

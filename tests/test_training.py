@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import lightning as L
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from lit_matmamba import MatMambaLM
 from lit_matmamba.models import MatMambaConfig
-from lit_matmamba.training import LanguageModeling
+from lit_matmamba.training import LanguageModeling, load_model
+from lit_matmamba.training.joint import joint_backward
 
 VOCAB = 97
 
@@ -73,7 +75,9 @@ def test_step_gradient_equals_weighted_sum_of_width_losses(tmp_path, weights, di
 
     batch = next(iter(data.train_dataloader()))
     ws = weights or [0.25] * 4
-    total = sum(w * reference.loss(batch, width) for w, width in zip(ws, reference.config.granularities))
+    total = sum(
+        w * reference.loss(batch, width) for w, width in zip(ws, reference.config.default_granularities())
+    )
     total.backward()
     for name, p in reference.named_parameters():
         # SGD with lr 1: the update is minus the gradient
@@ -95,6 +99,47 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
         (sum(0.5 * reference.loss(batch, w) for w in (64, 16)) / 2).backward()
     for name, p in reference.named_parameters():
         torch.testing.assert_close(before[name] - after[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_joint_backward_reduces_on_the_last_width_only_and_returns_each_loss():
+    """The joint step written once: per-width losses, unweighted; the gradient of the weighted sum;
+    gradient reduction asked for on the last backward only (and not at all between micro-batches)."""
+    model = tiny_lm()
+    batch = TokenData().data[:4]
+    widths, weights = [64, [32, 16], 8], [0.5, 0.3, 0.2]
+    for sync_last in (True, False):
+        model.zero_grad(set_to_none=True)
+        asked = []
+
+        @contextlib.contextmanager
+        def sync(enabled, asked=asked):
+            asked.append(enabled)
+            yield
+
+        losses = joint_backward(model.loss, batch, widths, weights, gradient_sync=sync, sync_last=sync_last)
+        assert asked == [False, False, sync_last]
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        expected = torch.stack([model.loss(batch, w).detach() for w in widths])
+        torch.testing.assert_close(losses, expected)
+        model.zero_grad(set_to_none=True)
+        sum(w * model.loss(batch, width) for w, width in zip(weights, widths)).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="2 widths but 1 weights"):
+        joint_backward(model.loss, batch, [64, 8], [1.0])
+
+
+def test_checkpoint_records_the_granularities_and_eval_widths_are_labelled(tmp_path):
+    module = LanguageModeling(tiny_lm(), granularities=[64, 16], eval_widths=[[64, 8], 32], optimizer=sgd)
+    assert module.evaluated() == [("w64", 64), ("w16", 16), ("mix0", [64, 8]), ("mix1", 32)]
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=True)
+    t.fit(module, TokenData())
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+    entry = torch.load(path, weights_only=False)["matmamba"]
+    assert entry["granularities"] == [64, 16]
+    assert "granularities" not in entry["config"]
+    assert load_model(path).config == module.model.config
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
@@ -121,7 +166,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
         (dict(granularities=[64, 30]), "granularities: width 30"),
         (dict(granularities=[]), "empty"),
         (dict(loss_weights=[1.0]), "loss_weights has 1"),
-        (dict(mixnmatch=[[64]]), "mixnmatch\\[0\\]"),
+        (dict(eval_widths=[[64]]), "eval_widths\\[0\\]"),
         (dict(accumulate_grad_batches=0), "accumulate_grad_batches"),
         (dict(cuda_graphs=True, accumulate_grad_batches=2), "cuda_graphs needs accumulate_grad_batches=1"),
     ],

@@ -131,15 +131,15 @@ class ThroughputMonitor(L.Callback):
 class MixNMatchCurve(L.Callback):
     """At the end of validation, evaluates many sub-models and draws metric versus parameters.
 
-    The settings are the granularities plus `settings` (one width per layer); with `settings`
-    None, Mix'n'Match settings are generated between each pair of adjacent granularities: the
-    first j layers at the larger width and the rest at the smaller one, for `steps` values of j.
-    Each point is evaluated on up to `max_batches` validation batches. The figure goes to
+    The points are the granularities plus `widths` (Mix'n'Match widths, one int per layer); with
+    `widths` None, Mix'n'Match widths are generated between each pair of adjacent granularities:
+    the first j layers at the larger width and the rest at the smaller one, for `steps` values of
+    j. Each point is evaluated on up to `max_batches` validation batches. The figure goes to
     TensorBoard (IMAGES tab, tag `mixnmatch/curve`) and to `<log_dir>/mixnmatch.png`.
 
     Args:
-        settings: per-layer widths to evaluate besides the granularities.
-        steps: generated settings per pair of granularities (when `settings` is None).
+        widths: Mix'n'Match widths to evaluate besides the granularities.
+        steps: generated widths per pair of granularities (when `widths` is None).
         max_batches: validation batches per setting.
         metric: "loss" (default) or another metric name the module computes (e.g. "top1").
         every_n_epochs: draw at every n-th validation.
@@ -147,24 +147,24 @@ class MixNMatchCurve(L.Callback):
 
     def __init__(
         self,
-        settings: list[list[int]] | None = None,
+        widths: list[list[int]] | None = None,
         steps: int = 3,
         max_batches: int = 4,
         metric: str = "loss",
         every_n_epochs: int = 1,
     ) -> None:
-        self.settings = settings
+        self.widths = widths
         self.steps = steps
         self.max_batches = max_batches
         self.metric = metric
         self.every_n_epochs = every_n_epochs
         self.last_points: list[dict[str, Any]] = []
 
-    def _settings(self, pl_module: NestedModule) -> list[tuple[str, list[int] | int]]:
+    def _points(self, pl_module: NestedModule) -> list[tuple[str, list[int] | int]]:
         grans = sorted(pl_module.granularities, reverse=True)
         out: list[tuple[str, list[int] | int]] = [(f"w{w}", w) for w in grans]
-        if self.settings is not None:
-            return out + [(f"mix{i}", list(s)) for i, s in enumerate(self.settings)]
+        if self.widths is not None:
+            return out + [(f"mix{i}", list(w)) for i, w in enumerate(self.widths)]
         n = pl_module.model.config.n_layer
         for big, small in zip(grans, grans[1:]):
             for j in sorted({round(n * (i + 1) / (self.steps + 1)) for i in range(self.steps)} - {0, n}):
@@ -186,7 +186,7 @@ class MixNMatchCurve(L.Callback):
         if not batches:
             return
         points = []
-        for label, width in self._settings(pl_module):
+        for label, width in self._points(pl_module):
             metrics = pl_module.make_metrics().to(pl_module.device)
             for batch in batches:
                 pl_module.update_metrics(metrics, batch, width)
@@ -205,47 +205,25 @@ class MixNMatchCurve(L.Callback):
 
     @rank_zero_only
     def _draw(self, trainer: L.Trainer, points: list[dict[str, Any]]) -> None:
-        import matplotlib
+        from lit_matmamba import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         uniform = [p for p in points if isinstance(p["width"], int)]
         mixed = [p for p in points if not isinstance(p["width"], int)]
-        ax.plot(
-            [p["params"] / 1e6 for p in uniform],
-            [p[self.metric] for p in uniform],
-            "o-",
-            label="granularities",
+        fig = plots.quality_vs_params(
+            {"granularities": uniform, "Mix'n'Match": mixed},
+            self.metric,
+            title=f"Mix'n'Match sub-models, step {trainer.global_step}",
+            lines=["granularities"],
         )
-        for p in uniform:
-            ax.annotate(
-                p["label"],
-                (p["params"] / 1e6, p[self.metric]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-            )
-        if mixed:
-            ax.plot(
-                [p["params"] / 1e6 for p in mixed], [p[self.metric] for p in mixed], "x", label="Mix'n'Match"
-            )
-        ax.set_xlabel("parameters used (M)")
-        ax.set_ylabel(f"validation {self.metric}")
-        ax.set_title(f"Mix'n'Match sub-models, step {trainer.global_step}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig.axes[0].set_ylabel(f"validation {self.metric}")
         tb = _tensorboard(trainer)
-        if tb is not None:
-            tb.experiment.add_figure("mixnmatch/curve", fig, global_step=trainer.global_step)
-        if (
-            trainer.logger is not None and trainer.log_dir
-        ):  # without a logger, log_dir is the cwd: write nothing there
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            fig.savefig(Path(trainer.log_dir) / "mixnmatch.png")
-        plt.close(fig)
+        if tb is None:
+            plots.plt.close(fig)
+            return
+        tb.experiment.add_figure("mixnmatch/curve", fig, global_step=trainer.global_step, close=False)
+        # tb.log_dir, not trainer.log_dir: this runs on rank 0 only, and under DDP trainer.log_dir
+        # is a collective (a broadcast) that the other ranks would never join.
+        plots.save(fig, Path(tb.log_dir) / "mixnmatch.png")
 
 
 class PredictionWriter(BasePredictionWriter):

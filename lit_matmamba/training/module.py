@@ -7,7 +7,6 @@ injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -18,32 +17,31 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lit_matmamba.graphs import GraphedJointStep
-from lit_matmamba.kernels import cross_entropy
-from lit_matmamba.models.config import resolve_widths
-from lit_matmamba.models.nested_linear import direct_weight_grads
+from lit_matmamba.graphs import GraphedTrainStep
+from lit_matmamba.models.config import Width
 
+from .joint import capture_joint_step, joint_backward
 from .optim import adamw, param_groups
 from .parallel import clip_grad_norm, gradient_sync, is_distributed
-
-Width = int | Sequence[int]
 
 
 class NestedModule(L.LightningModule):
     """Joint training of a model's granularities, one optimizer step per batch.
 
-    For every batch the training step runs each width in `granularities` on the same batch,
-    back-propagates `loss_weight * loss` right away (so only one width's activations are alive
-    at a time), and steps the optimizer once. Under DDP/FSDP gradients are reduced on the last
-    backward of an optimizer step only. Validation and test evaluate every granularity and each
-    Mix'n'Match setting in `mixnmatch`, and log one tag per width and metric
-    (`val/loss/w768`, `val/loss/mix0`, ...).
+    For every batch the training step runs the joint step (`lit_matmamba.training.joint`): each
+    width in `granularities` on the same batch, `loss_weight * loss` back-propagated right away (so
+    only one width's activations are alive at a time), then one optimizer step. Under DDP/FSDP
+    gradients are reduced on the last backward of an optimizer step only. Validation and test
+    evaluate every granularity and each width in `eval_widths`, and log one tag per width and
+    metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
 
     Args:
-        model: the nested model; its forward takes `width`.
-        granularities: widths trained jointly; None: `model.config.granularities` (D, D/2, D/4, D/8).
+        model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
+        granularities: the widths trained together (the one place they are set); None: the
+            paper's D, D/2, D/4, D/8 (`model.config.default_granularities()`). Checkpoints record them.
         loss_weights: one weight per granularity; None: equal weights that sum to 1 (the average).
-        mixnmatch: extra per-layer width settings (one int per layer) evaluated in validation/test.
+        eval_widths: more widths evaluated in validation and test, logged as `mix0`, `mix1`, ...
+            in this order: Mix'n'Match widths (one int per layer) or ints between the granularities.
         optimizer: builds the optimizer from parameter groups (no weight decay on 1-D parameters).
         scheduler: builds a per-step LR scheduler from the optimizer; None: constant LR.
         accumulate_grad_batches: micro-batches per optimizer step (use this, not the Trainer's
@@ -57,10 +55,14 @@ class NestedModule(L.LightningModule):
             used under DDP/FSDP, whose gradient reduction hooks it bypasses.
         cuda_graphs: capture the forward and backward of all granularities (and the clipping) as
             one CUDA graph at the first training batch and replay it for every batch of the same
-            shape (`lit_matmamba.graphs.GraphedJointStep`): removes the kernel-launch overhead that
+            shape (`lit_matmamba.training.joint.capture_joint_step`): removes the kernel-launch overhead that
             makes small widths no faster. One GPU, `accumulate_grad_batches=1`, bf16-mixed or fp32
             precision (no fp16 loss scaling). Batches of another shape (a short last batch) run the
             eager step; the graph keeps its own activation memory.
+        ssd_configs: warps and stages of mamba-ssm's SSD kernels on the GPU, pinned once at setup
+            (`lit_matmamba.kernels.pin_ssd_configs`): "auto" (the table tuned for this GPU model,
+            if the package ships one; else mamba-ssm's autotuning), "off" (mamba-ssm's autotuning
+            everywhere) or the path of a table written by `main.py bench tune`.
     """
 
     # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
@@ -71,7 +73,7 @@ class NestedModule(L.LightningModule):
         model: nn.Module,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
-        mixnmatch: list[list[int]] | None = None,
+        eval_widths: list[int | list[int]] | None = None,
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
         accumulate_grad_batches: int = 1,
@@ -79,17 +81,18 @@ class NestedModule(L.LightningModule):
         check_finite: bool = True,
         direct_weight_grads: bool | None = None,
         cuda_graphs: bool = False,
+        ssd_configs: str = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         config = model.config
-        self.granularities = list(granularities if granularities is not None else config.granularities)
+        self.granularities = list(config.default_granularities() if granularities is None else granularities)
         if not self.granularities:
             raise ValueError("granularities is empty: give at least one width to train")
         for w in self.granularities:
             try:
-                resolve_widths(config, w)
+                config.resolve(w)
             except ValueError as err:
                 raise ValueError(f"granularities: {err}") from None
         if loss_weights is None:
@@ -99,12 +102,12 @@ class NestedModule(L.LightningModule):
                 f"loss_weights has {len(loss_weights)} entries for {len(self.granularities)} granularities"
             )
         self.loss_weights = [float(x) for x in loss_weights]
-        self.mixnmatch = [list(s) for s in (mixnmatch or [])]
-        for i, setting in enumerate(self.mixnmatch):
+        self.eval_widths = [w if isinstance(w, int) else list(w) for w in (eval_widths or [])]
+        for i, w in enumerate(self.eval_widths):
             try:
-                resolve_widths(config, setting)
+                config.resolve(w)
             except ValueError as err:
-                raise ValueError(f"mixnmatch[{i}]: {err}") from None
+                raise ValueError(f"eval_widths[{i}]: {err}") from None
         if accumulate_grad_batches < 1:
             raise ValueError("accumulate_grad_batches must be >= 1")
         if cuda_graphs and accumulate_grad_batches != 1:
@@ -116,17 +119,19 @@ class NestedModule(L.LightningModule):
         self.check_finite = check_finite
         self.direct_weight_grads = direct_weight_grads
         self.cuda_graphs = cuda_graphs
-        self._graph: GraphedJointStep | None = None
+        self.ssd_configs = ssd_configs
+        self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
         self.metrics = nn.ModuleDict(
             {
-                stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.eval_settings()})
+                stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.evaluated()})
                 for stage in ("val", "test")
             }
         )
 
     # What subclasses define --------------------------------------------------------------
     def loss(self, batch: Any, width: Width) -> torch.Tensor:
+        """The model's own loss of `batch` at `width`, a 0-d tensor."""
         raise NotImplementedError
 
     def make_metrics(self) -> nn.ModuleDict:
@@ -143,10 +148,11 @@ class NestedModule(L.LightningModule):
         raise NotImplementedError
 
     # Widths ------------------------------------------------------------------------------
-    def eval_settings(self) -> list[tuple[str, Width]]:
-        """(label, width) of everything evaluated: the granularities, then Mix'n'Match settings."""
+    def evaluated(self) -> list[tuple[str, Width]]:
+        """(label, width) of every width evaluated: the granularities (`w768`, ...), then
+        `eval_widths` (`mix0`, `mix1`, ...). The labels name the metrics' tags."""
         return [(f"w{w}", w) for w in self.granularities] + [
-            (f"mix{i}", s) for i, s in enumerate(self.mixnmatch)
+            (f"mix{i}", w) for i, w in enumerate(self.eval_widths)
         ]
 
     def forward(self, *args: Any, width: Width | None = None, **kwargs: Any) -> torch.Tensor:
@@ -157,6 +163,11 @@ class NestedModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             self.check_data(datamodule)
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda":
+            from lit_matmamba.kernels import pin_ssd_configs
+
+            pin_ssd_configs(self.ssd_configs, device.index)
 
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         """Raise a clear error when the data does not fit the model (vocabulary, classes)."""
@@ -168,15 +179,17 @@ class NestedModule(L.LightningModule):
                 return self._graphed_training_step(step, batch)
         steps_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self._last_batch(batch_idx)
         wrapped = self.trainer.strategy.model  # the DDP/FSDP wrapper, if any
-        direct = self._use_direct_weight_grads(wrapped)
-        losses = []
-        for i, (width, weight) in enumerate(zip(self.granularities, self.loss_weights)):
-            sync = steps_now and i == len(self.granularities) - 1
-            with gradient_sync(wrapped, sync), direct_weight_grads(direct):
-                loss = self.loss(batch, width)
-                self.manual_backward(loss * (weight / self.accumulate_grad_batches))
-            losses.append(loss.detach())
-        total = self._log_losses(torch.stack(losses), batch)
+        losses = joint_backward(
+            self.loss,
+            batch,
+            self.granularities,
+            [w / self.accumulate_grad_batches for w in self.loss_weights],
+            backward=self.manual_backward,
+            gradient_sync=lambda enabled: gradient_sync(wrapped, enabled),
+            sync_last=steps_now,
+            direct_weight_grads=self._use_direct_weight_grads(wrapped),
+        )
+        total = self._log_losses(losses, batch)
         if steps_now:
             norm = clip_grad_norm(wrapped, self.parameters(), self.gradient_clip_val)
             self._optimizer_step(norm)
@@ -206,17 +219,17 @@ class NestedModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def _graph_for(self, batch: Any) -> GraphedJointStep | None:
+    def _graph_for(self, batch: Any) -> GraphedTrainStep | None:
         """The captured step for this batch's shapes (captured at the first batch), or None."""
         if self._graph is None:
             self._check_graphs_possible()
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-            self._graph = GraphedJointStep(
-                self.model,
+            self._graph = capture_joint_step(
+                self.loss,
                 batch,
                 self.granularities,
                 self.loss_weights,
-                lambda model, b, width: self.loss(b, width),
+                self.model.parameters(),
                 max_grad_norm=self.gradient_clip_val,
                 autocast_dtype=dtype,
                 direct_weight_grads=self._use_direct_weight_grads(self.trainer.strategy.model),
@@ -244,7 +257,7 @@ class NestedModule(L.LightningModule):
         if problems:
             raise ValueError("cuda_graphs=True cannot be used: " + "; ".join(problems))
 
-    def _graphed_training_step(self, step: GraphedJointStep, batch: Any) -> torch.Tensor:
+    def _graphed_training_step(self, step: GraphedTrainStep, batch: Any) -> torch.Tensor:
         losses, norm = step(batch)  # static buffers, overwritten by the next replay
         total = self._log_losses(losses.clone(), batch)
         # The optimizer runs outside the graph on the gradients the replay left in .grad (no
@@ -283,7 +296,7 @@ class NestedModule(L.LightningModule):
 
     # Evaluation --------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch: Any) -> None:
-        for label, width in self.eval_settings():
+        for label, width in self.evaluated():
             self.update_metrics(self.metrics[stage][label], batch, width)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -293,7 +306,7 @@ class NestedModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _log_epoch(self, stage: str) -> None:
-        for label, _ in self.eval_settings():
+        for label, _ in self.evaluated():
             for name, value in self.compute_metrics(stage, self.metrics[stage][label]).items():
                 # The full and the smallest width's loss show in the progress bar.
                 shown = name == "loss" and label in (
@@ -313,12 +326,14 @@ class NestedModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    # Checkpoints carry the model's config, so `load_model` rebuilds it without the YAML.
+    # Checkpoints carry the model's config and the granularities, so `load_model` rebuilds the
+    # model without the YAML.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self.model, "config"):
             checkpoint["matmamba"] = {
                 "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 "config": self.model.config.to_dict(),
+                "granularities": list(self.granularities),
             }
 
 
@@ -329,16 +344,8 @@ class LanguageModeling(NestedModule):
     chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "ppl"), ("val", "bpb"))
 
     def loss(self, batch: torch.Tensor, width: Width) -> torch.Tensor:
-        """`MatMambaLM.loss` for any model taking `width`: the mean next-token cross-entropy, by the
-        `cross_entropy` op of the model config's backend (no float32 copy of the logits on the GPU)."""
-        return self._token_losses(batch, width, "mean")
-
-    def _token_losses(self, batch: torch.Tensor, width: Width, reduction: str) -> torch.Tensor:
-        logits = self.model(batch[:, :-1], width=width)  # (B, L-1, V)
-        backend = getattr(self.model.config, "backend", "auto")
-        return cross_entropy(
-            logits.flatten(0, 1), batch[:, 1:].flatten(), backend=backend, reduction=reduction
-        )
+        """The model's mean next-token cross-entropy (`MatMambaLM.loss`) of token ids (B, L)."""
+        return self.model.loss(batch, width)
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
@@ -360,8 +367,8 @@ class LanguageModeling(NestedModule):
         """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`
         (per-token losses by the same `cross_entropy` op as training: no float32 copy of the logits)."""
         out = {}
-        for label, width in self.eval_settings():
-            losses = self._token_losses(batch, width, "none")  # (B * (L-1),)
+        for label, width in self.evaluated():
+            losses = self.model.loss(batch, width, reduction="none")  # (B * (L-1),)
             out[f"loss/{label}"] = losses.view(batch.shape[0], -1).mean(1)
         return out
 
@@ -383,11 +390,9 @@ class ImageClassification(NestedModule):
     chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "top1"), ("val", "top5"))
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+        """The model's cross-entropy (`MatMambaVision.loss`): class indices or soft targets."""
         images, targets = batch
-        logits = self.model(images, width=width).float()  # (B, num_classes)
-        if targets.is_floating_point():  # soft targets
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, targets)
+        return self.model.loss(images, targets, width)
 
     def make_metrics(self) -> nn.ModuleDict:
         n = self.model.config.num_classes
@@ -413,8 +418,7 @@ class ImageClassification(NestedModule):
         target as `"target"` when the batch has one."""
         images, targets = batch
         out = {
-            f"class/{label}": self.model(images, width=width).argmax(-1)
-            for label, width in self.eval_settings()
+            f"class/{label}": self.model(images, width=width).argmax(-1) for label, width in self.evaluated()
         }
         if not targets.is_floating_point():
             out["target"] = targets
@@ -449,6 +453,7 @@ def load_model(checkpoint_path: str, map_location: str | torch.device = "cpu") -
     cls = getattr(importlib.import_module(module_name), cls_name)
     config = ckpt["matmamba"]["config"]
     config["A_init_range"] = tuple(config["A_init_range"])
+    config.pop("granularities", None)  # a config field in checkpoints written before 0.2
     model = cls(MatMambaConfig(**config))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
