@@ -1,53 +1,56 @@
-"""The command line: `python main.py {fit,validate,test,predict,prepare} ...`.
+"""The command line: `python main.py <command> ...`, or `lit-matmamba <command> ...` once installed.
 
-fit/validate/test/predict are LightningCLI subcommands: the model (a `NestedModule` subclass with
-its injected backbone and head), the data module, optimizer, scheduler, trainer and callbacks all
-come from YAML (`--config configs/<name>.yaml`) via `class_path` entries. `prepare` turns raw
-text or image folders into the shards the data modules read.
+fit / validate / test / predict are LightningCLI subcommands: the model (a `NestedModule` subclass
+with its injected backbone and head), the data module, optimizer, scheduler, trainer and callbacks
+all come from YAML (`--config configs/<name>.yaml`) via `class_path` entries. The other commands
+(`COMMANDS`) are jsonargparse command lines of their own, on the same argument style, each in
+the module that does the work.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 import warnings
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lit_matmamba.training import NestedModule
 
-DESCRIPTION = """Train and evaluate nested MatMamba models (one training run, a model for every width).
+# The commands beside the Trainer's: name -> (module with `main(argv, prog)`, one line of help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": (
+        "lit_matmamba.data.prepare",
+        "Turn raw text or image folders into the shards the data modules read.",
+    ),
+    "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
+    "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
+}
+
+DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).
 
   python main.py fit --config configs/lm_demo.yaml          train (see configs/ for presets)
   python main.py validate --config configs/lm_demo.yaml --ckpt_path PATH
   python main.py prepare text --help                        raw text -> token shards
-  python main.py prepare images --help                      image folders -> image shards
+  python main.py bench speed --help                         GPU benchmarks
+
+Every command takes --help.
 """
 
 
 class MatMambaCLI(LightningCLI):
-    pass
+    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it)."""
 
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        from jsonargparse import ArgumentParser
 
-def prepare_main(argv: list[str]) -> None:
-    usage = "usage: python main.py prepare {text,images} [--help] ..."
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            usage + "\n\n  text    tokenize .txt/.jsonl/.parquet into WebDataset token shards\n"
-            "  images  pack an image-folder tree into WebDataset image shards"
-        )
-        return
-    kind, rest = argv[0], argv[1:]
-    if kind == "text":
-        from lit_matmamba.data.prepare_text import cli
-
-        cli(rest)
-    elif kind == "images":
-        from lit_matmamba.data.prepare_images import cli
-
-        raise SystemExit(cli(rest, prog="python main.py prepare images"))
-    else:
-        raise SystemExit(f"unknown prepare target {kind!r}\n{usage}")
+        subcommands = parser._subcommands_action
+        for name, (_, help_line) in COMMANDS.items():
+            subcommands.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
 
 
 def main(args: list[str] | None = None) -> MatMambaCLI | None:
@@ -56,8 +59,9 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "prepare":
-        prepare_main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module, _ = COMMANDS[argv[0]]
+        importlib.import_module(module).main(argv[1:], prog=f"{_prog()} {argv[0]}")
         return None
     return MatMambaCLI(
         NestedModule,
@@ -67,7 +71,13 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         args=args,
         parser_kwargs={
             "description": DESCRIPTION,
-            "formatter_class": __import__("argparse").RawDescriptionHelpFormatter,
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
         },
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _prog() -> str:
+    """How the user called us, for usage lines: `python main.py` or `lit-matmamba`."""
+    name = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "main.py"
+    return f"python {name}" if name.endswith(".py") else name

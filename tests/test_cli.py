@@ -52,6 +52,12 @@ def test_help_explains_the_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "prepare text" in out and "fit" in out
+    for command in ("prepare", "bench", "plot"):  # listed beside the Trainer's commands
+        assert f"    {command}  " in out, command
+    for command in ("bench", "plot"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--help" in capsys.readouterr().out
     main(["prepare", "--help"])
     assert "images" in capsys.readouterr().out
 
@@ -102,6 +108,11 @@ def test_lm_demo_fit_logs_every_granularity_and_validate_reproduces(tmp_path, ca
     acc = EventAccumulator(str(run))
     acc.Reload()
     assert "mixnmatch/curve" in acc.Tags()["images"] and (run / "mixnmatch.png").is_file()
+    png = tmp_path / "curves.png"
+    main(["plot", str(run), "--metrics", "[train/loss, val/ppl]", "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no tags val/top1/w<width>"):
+        main(["plot", str(run), "--metrics", "[val/top1]", "--out", str(png)])
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
 

@@ -1,0 +1,26 @@
+"""GPU benchmarks, each an importable function and a subcommand of `python main.py bench`:
+
+  speed    stock mamba-ssm against the nested model at every granularity, and the joint step
+  memory   peak memory of the joint step against the widest width's own training step
+  profile  a kernel table of one joint step (or one inference forward)
+  kernels  every Triton kernel against its PyTorch reference on the GPU: errors and timings
+  tune     warps and stages of mamba-ssm's SSD kernels at a preset's calls -> a table to pin
+
+Each needs a CUDA GPU; `scripts/install_gpu.sh` sets a GPU machine up. docs/performance.md holds
+the current figures, each with the command that produced it.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str], prog: str = "python main.py bench") -> None:
+    """`python main.py bench {speed,memory,profile,kernels,tune} [--help] ...`."""
+    from jsonargparse import CLI
+
+    from .kernels import kernels
+    from .memory import memory
+    from .profile import profile
+    from .speed import speed
+    from .tune import tune
+
+    CLI([speed, memory, profile, kernels, tune], args=argv, prog=prog, description=__doc__)

@@ -1,0 +1,112 @@
+"""Figures: per-granularity curves from a run's TensorBoard events, and quality versus size.
+
+`python main.py plot RUN_DIR --metrics train/loss val/loss --out curves.png` draws the first; the
+Mix'n'Match callback, the notebooks and the sub-model search draw the second.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures go to files and TensorBoard
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard run directory: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} is not a directory (give a TensorBoard run, e.g. logs/lm_demo/version_0)"
+        )
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def granularity_curves(run_dir: str | Path, metrics: Sequence[str] = ("train/loss", "val/loss")) -> Figure:
+    """One panel per metric, one line per granularity (tags `<metric>/w<width>`), widest first."""
+    scalars = read_scalars(run_dir)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), dpi=110, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        series = sorted(
+            (t for t in scalars if re.fullmatch(rf"{re.escape(metric)}/w\d+", t)),
+            key=lambda t: -int(t.rsplit("w", 1)[1]),
+        )
+        if not series:
+            plt.close(fig)
+            raise ValueError(f"no tags {metric}/w<width> in {run_dir}; its scalars: {sorted(scalars)[:20]}")
+        for tag in series:
+            steps, values = zip(*scalars[tag])
+            ax.plot(
+                steps, values, marker="o" if len(steps) < 20 else None, label=f"width {tag.rsplit('w', 1)[1]}"
+            )
+        ax.set_title(metric)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def quality_vs_params(
+    series: dict[str, list[dict[str, Any]]], metric: str, title: str = "", lines: Sequence[str] = ()
+) -> Figure:
+    """Metric against parameters used (millions): `series` maps a legend label to points
+    `{"params": int, metric: float, "label": str (optional)}`; series named in `lines` are joined by
+    lines (and their points labelled), the others drawn as markers."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    markers = iter("xs^vD+*")
+    for name, points in series.items():
+        if not points:
+            continue
+        points = sorted(points, key=lambda p: p["params"])
+        xs, ys = [p["params"] / 1e6 for p in points], [p[metric] for p in points]
+        if name in lines:
+            ax.plot(xs, ys, "o-", label=name)
+            for p, x, y in zip(points, xs, ys):
+                if p.get("label"):
+                    ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        else:
+            ax.plot(xs, ys, next(markers, "."), label=name)
+    ax.set_xlabel("parameters used (M)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as an image (the format from the suffix) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def curves(run_dir: str, metrics: list[str] | None = None, out: str = "curves.png") -> None:
+    """Draw per-granularity curves of a training run from its TensorBoard events.
+
+    Args:
+        run_dir: a TensorBoard run directory, e.g. logs/lm_demo/version_0.
+        metrics: tag prefixes, one panel each (default: train/loss val/loss); the run logs one tag
+            per width, `<metric>/w<width>`.
+        out: the image to write (PNG, SVG or PDF by its suffix).
+    """
+    print(f"wrote {save(granularity_curves(run_dir, metrics or ['train/loss', 'val/loss']), out)}")
+
+
+def main(argv: list[str], prog: str = "python main.py plot") -> None:
+    from jsonargparse import CLI
+
+    CLI(curves, args=argv, prog=prog)
