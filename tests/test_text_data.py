@@ -19,8 +19,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lit_matmamba.data import prepare_text as prepare_module
 from lit_matmamba.data.corpus import CORPUS_NOTICE, TEST_WORKS, VAL_WORKS, ensure_default_corpus
 from lit_matmamba.data.prepare_text import cli, prepare_text
+from lit_matmamba.data.shards import file_sha256
 from lit_matmamba.data.text import TextDataModule, plan_epoch, read_index
-from lit_matmamba.data.tokenizer import EOS_TOKEN, ensure_bpe_tokenizer, file_sha256, train_bpe_tokenizer
+from lit_matmamba.data.tokenizer import EOS_TOKEN, ensure_bpe_tokenizer, train_bpe_tokenizer
 
 WORDS = ["thou", "art", "the", "sun", "and", "moon", "of", "night", "ere", "day", "doth", "break"]
 
@@ -436,7 +437,7 @@ def _truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     "case, error, message",
     [
-        ("missing_index", FileNotFoundError, ["index.json not found", "prepare_text"]),
+        ("missing_index", FileNotFoundError, ["index.json not found", "python main.py prepare text"]),
         ("missing_shard", FileNotFoundError, ["train-00001.tar", "not found", "re-run prepare"]),
         ("missing_shard_url", FileNotFoundError, ["train-00001.tar", "not found"]),
         ("missing_shard_pipe", OSError, ["reading shard pipe:cat", "train-00001.tar", "failed"]),
