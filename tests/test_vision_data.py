@@ -498,21 +498,6 @@ def test_bad_samples_inside_shards(tmp_path):
         verify_shards(tmp_path / "out2")
 
 
-def test_cli_pack_and_verify(tmp_path, capsys):
-    make_tree(tmp_path / "src", {"train": 5, "val": 2})
-    assert (
-        prepare_images.cli(
-            ["pack", str(tmp_path / "src"), str(tmp_path / "out"), "--samples-per-shard", "2", "--verify"]
-        )
-        == 0
-    )
-    assert "train: 5 samples in 3 shards" in capsys.readouterr().out
-    assert prepare_images.cli(["verify", str(tmp_path / "out"), "--decode"]) == 0
-    with pytest.raises(SystemExit):
-        prepare_images.cli(["--help"])
-    assert "pack" in capsys.readouterr().out
-
-
 def test_datamodule_arguments_documented_for_the_cli():
     from jsonargparse import ArgumentParser
 

@@ -32,16 +32,13 @@ padding; its last ``dropped_tokens`` (< ``seq_len``) tokens are not stored and t
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
-import inspect
 import io
 import itertools
 import json
 import shutil
-import sys
 import tarfile
 from collections import deque
 from collections.abc import Iterator
@@ -410,40 +407,3 @@ class _SplitWriter:
             unstored += len(text.encode()) - len(text[:end].encode())
             left = 0
         return unstored
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line of :func:`prepare_text`: ``python -m lit_matmamba.data.prepare_text --help``.
-
-    Args:
-        argv: Arguments without the program name; default ``sys.argv[1:]``.
-    """
-    from jsonargparse import CLI, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """Keeps the line breaks of the description."""
-
-    what = inspect.cleandoc(prepare_text.__doc__).split("\n\nArgs:")[0]
-    layout = __doc__.split("\n\n", 1)[1]
-    description = f"{what}\n\n{layout}"
-    try:
-        index = CLI(
-            prepare_text,
-            args=argv,
-            as_positional=False,
-            description=description,
-            formatter_class=HelpFormatter,
-        )
-    except (OSError, ValueError, ImportError) as e:
-        # Bad input: the message says what to do, a traceback would only hide it.
-        sys.exit(f"error: {e}")
-    for split, entry in index["splits"].items():
-        print(
-            f"{split}: {entry['sequences']} sequences of {index['seq_len']} tokens in {len(entry['shards'])} "
-            f"shard(s), {entry['text_bytes']} bytes of text from {entry['documents']} documents"
-        )
-    return index
-
-
-if __name__ == "__main__":
-    cli()
