@@ -2,7 +2,7 @@
 
 Example (command line; ``--help`` explains every option)::
 
-    python -m lit_matmamba.data.prepare_text --output_dir data/fineweb-neox \\
+    python main.py prepare text --output_dir data/fineweb-neox \\
         --tokenizer gpt-neox/tokenizer.json --train 'fineweb/*.parquet' --val_fraction 0.001
 
 Output directory layout::
@@ -32,19 +32,14 @@ padding; its last ``dropped_tokens`` (< ``seq_len``) tokens are not stored and t
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
-import inspect
 import io
 import itertools
 import json
-import os
 import shutil
-import sys
 import tarfile
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +49,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lit_matmamba.data.tokenizer import EOS_TOKEN, file_sha256, load_tokenizer
+from lit_matmamba.data.shards import INDEX_NAME, add_member, file_sha256, open_shard, publishing, shard_name
+from lit_matmamba.data.tokenizer import EOS_TOKEN, load_tokenizer
 
 FORMAT_NAME = "lit-matmamba-tokens"
 FORMAT_VERSION = 1
@@ -123,10 +119,6 @@ def prepare_text(
     for name, inputs, fraction in (("val", val, val_fraction), ("test", test, test_fraction)):
         if inputs and fraction > 0:
             raise ValueError(f"give either {name} inputs or {name}_fraction, not both")
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already exists: pass overwrite=True (--overwrite true) to replace it"
-        )
 
     sources = {"train": _expand_inputs(train, "train")}
     if val:
@@ -150,10 +142,7 @@ def prepare_text(
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
-    # A unique hidden sibling, made with mkdir so that the final directory gets the usual permissions.
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
-    try:
+    with publishing(output_dir, overwrite) as tmp:
         writers = {s: _SplitWriter(tmp, s, seq_len, sequences_per_shard, dtype, eos_id) for s in splits}
         with tqdm(desc="tokenizing", unit=" docs", disable=not progress) as bar:
             for source, paths in sources.items():
@@ -191,11 +180,7 @@ def prepare_text(
             "seq_len": seq_len,
             "splits": entries,
         }
-        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-        _move_into_place(tmp, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
 
 
@@ -378,16 +363,11 @@ class _SplitWriter:
 
     def _write(self, sequence: np.ndarray) -> None:
         if self.tar is None:
-            name = f"{self.split}-{len(self.shards):05d}.tar"
+            name = shard_name(self.split, len(self.shards))
             # Stays open across add() calls until the shard is full or the split ends.
-            self.tar = tarfile.open(self.directory / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            self.tar = open_shard(self.directory / name)
             self.shards.append({"name": name, "sequences": 0})
-        data = self.header + sequence.tobytes()
-        info = tarfile.TarInfo(f"{self.sequences:010d}.tokens.npy")
-        info.size = len(data)
-        # Fixed metadata, so that a re-run writes byte-identical shards.
-        info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
-        self.tar.addfile(info, io.BytesIO(data))
+        add_member(self.tar, f"{self.sequences:010d}.tokens.npy", self.header + sequence.tobytes())
         self.sequences += 1
         self.shards[-1]["sequences"] += 1
         if self.shards[-1]["sequences"] == self.per_shard:
@@ -427,52 +407,3 @@ class _SplitWriter:
             unstored += len(text.encode()) - len(text[:end].encode())
             left = 0
         return unstored
-
-
-def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
-    if not output_dir.exists():
-        os.rename(tmp, output_dir)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{output_dir} appeared while preparing: pass overwrite=True to replace it")
-    old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
-    os.rename(output_dir, old)
-    os.rename(tmp, output_dir)
-    shutil.rmtree(old)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line of :func:`prepare_text`: ``python -m lit_matmamba.data.prepare_text --help``.
-
-    Args:
-        argv: Arguments without the program name; default ``sys.argv[1:]``.
-    """
-    from jsonargparse import CLI, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """Keeps the line breaks of the description."""
-
-    what = inspect.cleandoc(prepare_text.__doc__).split("\n\nArgs:")[0]
-    layout = __doc__.split("\n\n", 1)[1]
-    description = f"{what}\n\n{layout}"
-    try:
-        index = CLI(
-            prepare_text,
-            args=argv,
-            as_positional=False,
-            description=description,
-            formatter_class=HelpFormatter,
-        )
-    except (OSError, ValueError, ImportError) as e:
-        # Bad input: the message says what to do, a traceback would only hide it.
-        sys.exit(f"error: {e}")
-    for split, entry in index["splits"].items():
-        print(
-            f"{split}: {entry['sequences']} sequences of {index['seq_len']} tokens in {len(entry['shards'])} "
-            f"shard(s), {entry['text_bytes']} bytes of text from {entry['documents']} documents"
-        )
-    return index
-
-
-if __name__ == "__main__":
-    cli()

@@ -3,8 +3,9 @@
 ``ImageDataModule`` reads either
 
 * an image-folder tree ``<data_dir>/{train,val,test}/<class>/...`` (ImageNet layout), or
-* a shard folder written by ``prepare_images`` (``index.json`` + ``<split>-NNNNN.tar``), local or
-  at any URL webdataset's ``gopen`` opens (``https://...``, ``pipe:...``), or
+* a shard folder written by ``python main.py prepare images pack`` (``index.json`` +
+  ``<split>-NNNNN.tar``), local or at any URL webdataset's ``gopen`` opens (``https://...``, or a
+  ``pipe:`` template with ``{}`` for the file name; see :func:`~lit_matmamba.data.shards.locate`), or
 * nothing (``data_dir=None``): Fashion-MNIST, built once from a Debian package (see ``fashion_mnist``).
 
 Batches are ``(images, targets)``: images float32 (B, 3, img_size, img_size), normalised; targets
@@ -35,7 +36,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
@@ -44,15 +44,19 @@ from torchvision.transforms import v2
 from lit_matmamba.data.fashion_mnist import ensure_fashion_mnist
 from lit_matmamba.data.prepare_images import (
     DEFAULT_SPLITS,
-    INDEX_NAME,
-    ShardError,
     UnreadableImageError,
-    is_url,
     iter_shard,
     load_index,
     open_rgb,
     scan_image_folder,
-    shard_location,
+)
+from lit_matmamba.data.shards import (
+    INDEX_NAME,
+    EpochLoader,
+    check_shards_exist,
+    is_url,
+    locate,
+    rank_and_world_size,
 )
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers. Ours is
@@ -195,7 +199,7 @@ class ShardedImageDataset(IterableDataset):
     skips, undecoded, the samples of a shard that belong to a neighbour. With ``train`` a buffer
     of ``shuffle_buffer`` encoded samples shuffles further.
 
-    The epoch comes from ``set_epoch`` (shared memory, so persistent workers see it too).
+    The epoch comes from ``set_position`` (shared memory, so persistent workers see it too).
     """
 
     def __init__(
@@ -227,7 +231,10 @@ class ShardedImageDataset(IterableDataset):
         self.num_samples = sum(self.counts)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        """Iterate epoch ``epoch`` next; resuming inside an epoch (``skip_batches``) is not supported."""
+        if skip_batches:
+            raise ValueError("ShardedImageDataset starts epochs at their beginning only")
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
@@ -302,33 +309,6 @@ def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-class _EpochLoader(DataLoader):
-    """Tells its ``ShardedImageDataset`` which epoch starts each time it is iterated.
-
-    Lightning calls ``set_epoch`` only on samplers, and a DataLoader over an IterableDataset has
-    none. The epoch is the trainer's when ``trainer_epoch()`` gives one (so resuming, or reloading
-    dataloaders every epoch, continues the sequence of shard orders), else the number of times
-    this loader was iterated before. Either way all ranks agree on it, hence on the shard order.
-    """
-
-    def __init__(self, dataset: ShardedImageDataset, trainer_epoch: Callable[[], int | None], **kwargs):
-        super().__init__(dataset, **kwargs)
-        self._trainer_epoch = trainer_epoch
-        self._iterations = 0
-
-    def __iter__(self):
-        epoch = self._trainer_epoch()
-        self.dataset.set_epoch(self._iterations if epoch is None else epoch)
-        self._iterations += 1
-        return super().__iter__()
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # --------------------------------------------------------------------------- data module
 
 
@@ -368,8 +348,9 @@ class ImageDataModule(L.LightningDataModule):
         """
         Args:
             data_dir: An image-folder tree (``train/``, ``val/``, optional ``test/``, each with one
-                folder per class), a shard folder made by ``prepare_images`` (``index.json`` +
-                tars), its index.json, or a URL to either. None: Fashion-MNIST, built once under
+                folder per class), a shard folder made by ``python main.py prepare images pack``
+                (``index.json`` + tars), its index.json, a URL to either, or a template with ``{}``
+                for the file name (needed for ``pipe:``). None: Fashion-MNIST, built once under
                 ``$LIT_MATMAMBA_DATA`` (default ``./data``) from the Debian package dataset-fashion-mnist.
             batch_size: Samples per batch on each device.
             num_workers: Data loader worker processes per device.
@@ -436,21 +417,17 @@ class ImageDataModule(L.LightningDataModule):
 
     def _load(self) -> None:
         data_dir = str(ensure_fashion_mnist()) if self.data_dir is None else self.data_dir
-        local = None if is_url(data_dir) else Path(data_dir)
+        local = None if is_url(data_dir) or "{}" in data_dir else Path(data_dir)
         if local is not None and not local.exists():
             raise FileNotFoundError(f"data_dir {data_dir} does not exist")
         if local is None or local.suffix == ".json" or (local / INDEX_NAME).is_file():
             index, self._where = load_index(data_dir)
             class_names = index["class_names"]
+            shard_path = locate(data_dir)
             for split, entry in index["splits"].items():
-                urls = [shard_location(self._where, shard) for shard in entry["shards"]]
+                urls = [shard_path(shard) for shard in entry["shards"]]
+                check_shards_exist(urls, f"split {split!r} of {self._where}")
                 self._splits[split] = ("shards", urls, entry["counts"])
-            if local is not None:
-                missing = [u for _, urls, _ in self._splits.values() for u in urls if not Path(u).is_file()]
-                if missing:
-                    raise ShardError(
-                        f"{self._where}: {len(missing)} missing shard(s): {', '.join(missing[:10])}"
-                    )
         elif any((local / split).is_dir() for split in DEFAULT_SPLITS):
             self._where = str(local)
             class_names, samples = scan_image_folder(local)
@@ -491,7 +468,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.num_classes is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         if rank is None or world_size is None:
-            rank, world_size = _rank_and_world_size()
+            rank, world_size = rank_and_world_size(self.trainer)
         train = split == "train"
         hp = self.hparams
         collate = None
@@ -521,7 +498,7 @@ class ImageDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
             )
-            return _EpochLoader(dataset, self._trainer_epoch, **loader_args)
+            return EpochLoader(dataset, self._trainer_position, **loader_args)
         dataset = ImageFolderDataset(source[0], transform)
         if world_size == 1:
             return DataLoader(dataset, shuffle=train, **loader_args)
@@ -531,8 +508,13 @@ class ImageDataModule(L.LightningDataModule):
         sampler = sampler_type(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=hp.seed)
         return DataLoader(dataset, sampler=sampler, **loader_args)
 
-    def _trainer_epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
+    def _trainer_position(self) -> tuple[int, int] | None:
+        """The trainer's epoch, from its start; None without a trainer.
+
+        Following the trainer's epoch makes a resumed fit, or dataloaders reloaded every epoch, continue
+        the sequence of shard orders. A fit resumed mid-epoch starts that epoch again from its beginning.
+        """
+        return None if self.trainer is None else (self.trainer.current_epoch, 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
