@@ -6,7 +6,7 @@
 
 Why one node instead of `ssd_scan` followed by `gated_rmsnorm`:
 - Gradients land in two buffers, dxbc and dzdt, laid out like the inputs. As separate ops, autograd
-  concatenated dx, dB and dC, and the z / dt views needed a copy of z (to flatten the heads) in the
+  concatenates dx, dB and dC, and the z / dt views need a copy of z (to flatten the heads) in the
   forward and a copy of dz and ddt into one buffer in the backward: glue of about 20 ms per joint
   step of lm-1.4b on an H200 (docs/performance.md).
 - The backward reuses what the forward computed: mamba-ssm's own backward recomputes the chunk

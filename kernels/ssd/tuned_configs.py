@@ -11,8 +11,8 @@ how a tile is spread over threads and how far its loads run ahead.
 
 "NVIDIA H200": tuned at the full width of lm-130m (batch 16) and lm-1.4b (batch 8). With these pins
 the graphed joint step is about 3.5% faster at lm-130m and 1 to 2% faster at lm-1.4b than with
-mamba-ssm's own choices (docs/performance.md). `tests/test_ssd_configs.py` checks on a GPU that the pinned configurations
-give mamba-ssm's own results at every width.
+mamba-ssm's own choices (docs/performance.md). `tests/test_ssd_configs.py` checks on a GPU that
+the pinned configurations give mamba-ssm's own results at every width.
 
 Keys hold the autotuner's key values followed by the dtypes of the kernel's tensor arguments.
 """
