@@ -124,7 +124,7 @@ WIDTH_IDS = ["full", "w32", "w16", "w8", "mixnmatch"]
 
 def unfused_forward(model: MatMambaLM, ids: torch.Tensor, width) -> torch.Tensor:
     """The stack written the plain way: x + mixer(norm(x)) per block, then the final norm."""
-    widths = model.widths(width)
+    widths = model.config.resolve(width)
     h = model.backbone.embedding(ids)  # (B, L, D)
     for layer, w in zip(model.backbone.layers, widths):
         h = h + layer.mixer(layer.norm(h), w)

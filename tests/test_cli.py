@@ -63,6 +63,12 @@ def test_help_explains_the_commands(capsys):
     assert "images" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_bench_without_a_gpu_says_so_in_one_line():
+    with pytest.raises(SystemExit, match="runs on a CUDA GPU"):
+        main(["bench", "speed", "--preset", "lm-tiny"])
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()

@@ -348,9 +348,9 @@ def test_language_modeling_predict_step_is_the_per_sequence_loss(backend, monkey
     ids = torch.randint(0, 4096, (3, 9), device=DEVICE)
     out = module.predict_step(ids, 0)
     if backend == "triton":
-        assert calls == [{"reduction": "none"}] * len(module.eval_settings())
-    assert sorted(out) == sorted(f"loss/{label}" for label, _ in module.eval_settings())
-    for label, width in module.eval_settings():
+        assert calls == [{"reduction": "none"}] * len(module.evaluated())
+    assert sorted(out) == sorted(f"loss/{label}" for label, _ in module.evaluated())
+    for label, width in module.evaluated():
         with torch.no_grad():
             logits = module.model(ids[:, :-1], width=width).float()  # (3, 8, V)
         expected = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # (3,)

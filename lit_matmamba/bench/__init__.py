@@ -15,7 +15,10 @@ from __future__ import annotations
 
 def main(argv: list[str], prog: str = "python main.py bench") -> None:
     """`python main.py bench {speed,memory,profile,kernels,tune} [--help] ...`."""
-    from jsonargparse import CLI
+    import argparse
+
+    import torch
+    from jsonargparse import CLI, DefaultHelpFormatter
 
     from .kernels import kernels
     from .memory import memory
@@ -23,4 +26,15 @@ def main(argv: list[str], prog: str = "python main.py bench") -> None:
     from .speed import speed
     from .tune import tune
 
-    CLI([speed, memory, profile, kernels, tune], args=argv, prog=prog, description=__doc__)
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the command list above as written."""
+
+    if not torch.cuda.is_available() and not {"-h", "--help", "--print_config"} & set(argv):
+        raise SystemExit(f"{prog}: every benchmark runs on a CUDA GPU, and torch sees none here")
+    CLI(
+        [speed, memory, profile, kernels, tune],
+        args=argv,
+        prog=prog,
+        description=__doc__,
+        formatter_class=Formatter,
+    )
