@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
     "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
+    "study": (
+        "lit_matmamba.training.study",
+        "The recipe study (STUDY.md): train an arm over seeds and test it; tabulate every arm.",
+    ),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).
@@ -53,13 +57,15 @@ class MatMambaCLI(LightningCLI):
             subcommands.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
 
 
-def main(args: list[str] | None = None) -> MatMambaCLI | None:
+def main(args: list[str] | None = None, run: bool = True) -> MatMambaCLI | None:
+    """Run a command; with `run` False, only build the trainer, model and data module of `args`
+    (LightningCLI's arguments without a subcommand) and return the CLI holding them."""
     # Our iterable datasets report exact lengths per rank and worker (see lit_matmamba.data), and the
     # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
+    if run and argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
         importlib.import_module(module).main(argv[1:], prog=f"{_prog()} {argv[0]}")
         return None
@@ -69,6 +75,7 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        run=run,
         parser_kwargs={
             "description": DESCRIPTION,
             "formatter_class": argparse.RawDescriptionHelpFormatter,

@@ -57,25 +57,32 @@ def granularity_curves(run_dir: str | Path, metrics: Sequence[str] = ("train/los
 
 
 def quality_vs_params(
-    series: dict[str, list[dict[str, Any]]], metric: str, title: str = "", lines: Sequence[str] = ()
+    series: dict[str, list[dict[str, Any]]],
+    metric: str,
+    title: str = "",
+    lines: Sequence[str] = (),
+    colors: dict[str, str] | None = None,
 ) -> Figure:
     """Metric against parameters used (millions): `series` maps a legend label to points
     `{"params": int, metric: float, "label": str (optional)}`; series named in `lines` are joined by
-    lines (and their points labelled), the others drawn as markers."""
+    lines (and their points labelled), the others drawn as markers; `colors` maps a series to a
+    matplotlib colour (default: the colour cycle)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     markers = iter("xs^vD+*")
+    colors = colors or {}
     for name, points in series.items():
         if not points:
             continue
         points = sorted(points, key=lambda p: p["params"])
         xs, ys = [p["params"] / 1e6 for p in points], [p[metric] for p in points]
+        style = {"color": colors[name]} if name in colors else {}
         if name in lines:
-            ax.plot(xs, ys, "o-", label=name)
+            ax.plot(xs, ys, "o-", label=name, **style)
             for p, x, y in zip(points, xs, ys):
                 if p.get("label"):
                     ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         else:
-            ax.plot(xs, ys, next(markers, "."), label=name)
+            ax.plot(xs, ys, next(markers, "."), label=name, **style)
     ax.set_xlabel("parameters used (M)")
     ax.set_ylabel(metric)
     ax.set_title(title)
