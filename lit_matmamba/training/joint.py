@@ -40,10 +40,11 @@ LossFn = Callable[[Any, Width], torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # Which widths a step trains ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class WidthSampling:
-    """Which widths each training step trains, besides how the module's granularities are set.
+    """Which widths each training step trains, given the module's granularities.
 
     A step trains its *anchors*, then `num_sampled` widths drawn at random. The default (every
-    granularity, nothing sampled) is the paper's recipe.
+    granularity, nothing sampled) is the paper's recipe. Steps that sample cannot be CUDA graphs
+    (their widths change from step to step); anchors alone can.
 
     Args:
         rule: the anchors. "all": every granularity; "sandwich": only the largest and the smallest
