@@ -124,3 +124,12 @@ def test_study_run_writes_every_width_of_an_arm(tmp_path):
     )
     assert [p["label"] for p in r["points"]] == ["w128", "w64", "w32", "w16", "mix0", "mix1", "mix2", "mix3"]
     assert all(p["loss"] > 0 and p["params"] > 0 for p in r["points"])
+
+
+def test_study_help_comes_from_the_docstrings(capsys):
+    for argv in (["study", "--help"], ["study", "run", "--help"], ["study", "table", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = capsys.readouterr().out
+    assert "An *arm* is a config overlay" in out
+    assert "one training run per seed" in out and "where to write `study_<task>.png`" in out
