@@ -30,13 +30,13 @@ class NestedModule(L.LightningModule):
     """Joint training of a model's granularities, one optimizer step per batch.
 
     For every batch the training step runs the joint step (`lit_matmamba.training.joint`): each
-    width of the step on the same batch, `loss_weight * loss` back-propagated right away (so
-    only one width's activations are alive at a time), then one optimizer step. The widths of a
-    step are every granularity (the paper's recipe, the default) or what `width_sampling` draws;
-    with `distillation`, the widest teaches the others. Under DDP/FSDP gradients are reduced on the
-    last backward of an optimizer step only. Validation and test
-    evaluate every granularity and each width in `eval_widths`, and log one tag per width and
-    metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
+    width of the step on the same batch, `loss_weight * loss` back-propagated right away (so only
+    one width's activations are alive at a time), then one optimizer step. The widths of a step are
+    every granularity (the paper's recipe, the default) or what `width_sampling` draws; with
+    `distillation`, the widest teaches the others. Under DDP/FSDP gradients are reduced on the last
+    backward of an optimizer step only. Validation and test evaluate every granularity and each
+    width in `eval_widths`, and log one tag per width and metric (`val/loss/w768`,
+    `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
 
     Args:
         model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
