@@ -199,6 +199,31 @@ def test_module_trains_the_drawn_widths_identically_after_a_resume(tmp_path):
     )
 
 
+def test_micro_batches_of_one_optimizer_step_train_the_same_widths(tmp_path):
+    module = LanguageModeling(
+        tiny_lm(),
+        optimizer=sgd,
+        accumulate_grad_batches=2,
+        width_sampling=WidthSampling(rule="sandwich", num_sampled=1, per_layer=True),
+    )
+    recorder = StepRecorder()
+    trainer(tmp_path, max_steps=3, callbacks=[recorder]).fit(module, TokenData(batch_size=2))
+    assert len(recorder.widths) == 6
+    pairs = [recorder.widths[i : i + 2] for i in range(0, 6, 2)]
+    assert all(a == b for a, b in pairs) and len({str(a) for a, _ in pairs}) > 1
+
+
+def test_throughput_counts_the_flops_of_the_widths_each_step_trained():
+    from lit_matmamba.training import ThroughputMonitor
+
+    module = LanguageModeling(tiny_lm())
+    monitor = ThroughputMonitor()
+    for widths in ([64, 8, [64, 4]], [64, 32, 16, 8]):
+        module.step_widths = widths
+        expected = sum(module.model.flops_per_token(w, training=True, seq_len=16) for w in widths)
+        assert monitor._step_flops_per_token(module, 16) == expected
+
+
 # Self-distillation ---------------------------------------------------------------------------------
 def test_distillation_targets_carry_no_gradient_into_the_teacher():
     """Teacher weight 0, student pure distillation: the gradient is that of the student's
