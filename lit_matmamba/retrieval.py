@@ -59,6 +59,16 @@ Search = Literal["torch", "faiss"]
 _TORCH_BLOCK_SCORES = 1 << 25
 
 
+def _check_search(search: str) -> None:
+    if search not in ("torch", "faiss"):
+        raise ValueError(f"search must be torch or faiss, got {search!r}")
+    if search == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            raise ImportError("search=faiss needs FAISS: pip install 'lit-matmamba[retrieval]' (faiss-cpu)")
+
+
 def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, search: Search = "torch") -> torch.Tensor:
     """The indices (Q, min(k, N)) of the most similar database rows of each query, most similar
     first, by inner product: queries (Q, d), database (N, d), both L2-normalised for cosine.
@@ -66,16 +76,11 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, search: Searc
     search: "torch" (matrix products in blocks of queries) or "faiss" (``faiss.IndexFlatIP``);
     both exact.
     """
-    if search not in ("torch", "faiss"):
-        raise ValueError(f"search must be torch or faiss, got {search!r}")
+    _check_search(search)
     k = min(k, len(database))
     if search == "faiss":
-        try:
-            import faiss
-        except ImportError:
-            raise ImportError(
-                "search=faiss needs FAISS: pip install 'lit-matmamba[retrieval]' (faiss-cpu)"
-            ) from None
+        import faiss
+
         index = faiss.IndexFlatIP(database.shape[1])
         index.add(database.float().contiguous().numpy())
         _, found = index.search(queries.float().contiguous().numpy(), k)  # (Q, k)
@@ -242,6 +247,7 @@ def retrieval(
         progress: show progress bars.
     """
     out_path = check_output(output, overwrite) if output else None
+    _check_search(search)  # before minutes of embedding
     if (queries is None) != (database is None):
         raise ValueError("give both --queries and --database (embedding files), or neither")
     if queries is not None:

@@ -399,3 +399,17 @@ def test_heatmap_writes_every_value():
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["0.125", "0.250", "0.500", "0.900"]
     with pytest.raises(ValueError, match="2 rows and 3 columns"):
         heatmap([[1, 2], [3, 4]], ["a", "b"], ["c", "d", "e"])
+
+
+def test_search_faiss_without_faiss_says_what_to_install_before_embedding(images, monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else find_spec(name, *a)
+    )
+    monkeypatch.setattr("lit_matmamba.retrieval.embed_split", None)  # embedding would fail differently
+    with pytest.raises(SystemExit, match=r"pip install 'lit-matmamba\[retrieval\]'"):
+        main(
+            ["retrieval", "--ckpt_path", str(images["ckpt"]), "--search", "faiss", "--log_dir", str(tmp_path)]
+        )
