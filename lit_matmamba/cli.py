@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
     "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
+    "embed": ("lit_matmamba.embed", "Write a split's features (images: pooled; text: mean) at any width."),
+    "retrieval": ("lit_matmamba.retrieval", "Nearest-neighbour top-1 and mAP@10, query x database width."),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).

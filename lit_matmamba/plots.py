@@ -1,7 +1,8 @@
-"""Figures: per-granularity curves from a run's TensorBoard events, and quality versus size.
+"""Figures: per-granularity curves from a run's TensorBoard events, quality versus size, heat-maps.
 
 `python main.py plot RUN_DIR --metrics train/loss val/loss --out curves.png` draws the first; the
-Mix'n'Match callback, the notebooks and the sub-model search draw the second.
+Mix'n'Match callback, the notebooks and the sub-model search draw the second; the retrieval
+evaluation draws the third (query width x database width).
 """
 
 from __future__ import annotations
@@ -81,6 +82,40 @@ def quality_vs_params(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(
+    values: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    fmt: str = "{:.3f}",
+) -> Figure:
+    """A matrix as coloured cells, each with its value written in it: `values[i][j]` is the cell
+    of row `row_labels[i]` (top to bottom) and column `col_labels[j]`."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    if data.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(
+            f"values of shape {data.shape} for {len(row_labels)} rows and {len(col_labels)} columns"
+        )
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.2, 0.8 * len(row_labels) + 1.6), dpi=100)
+    image = ax.imshow(data, cmap="viridis")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    middle = (np.nanmin(data) + np.nanmax(data)) / 2 if data.size else 0.0
+    for (i, j), v in np.ndenumerate(data):
+        # Dark text on the light (high) end of viridis, light text on the dark end.
+        ax.text(j, i, fmt.format(v), ha="center", va="center", color="black" if v > middle else "white")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
