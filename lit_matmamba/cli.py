@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import warnings
 from typing import Any
@@ -42,7 +43,17 @@ Every command takes --help.
 
 
 class MatMambaCLI(LightningCLI):
-    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it)."""
+    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it),
+    and hands a custom head's class path and arguments from the config to the module
+    (`NestedModule.head_spec`), so that its checkpoints rebuild the head."""
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config.get(str(self.subcommand), self.config)
+        head = config.get("model.init_args.model.init_args.head")
+        if head is not None and isinstance(self.model, NestedModule):
+            spec = head.as_dict() if hasattr(head, "as_dict") else dict(head)
+            self.model.head_spec = json.loads(json.dumps(spec, default=str))
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
-from lit_matmamba import MatMambaConfig, MatMambaLM
+from lit_matmamba import MatMambaConfig, MatMambaLM, MatMambaVision
 from lit_matmamba.data.tokenizer import train_bpe_tokenizer
+from lit_matmamba.io import Pretrained, load, load_model
+from lit_matmamba.models.interop import load_mamba_ssm
 from lit_matmamba.models.lm import sample
+from lit_matmamba.training import LanguageModeling
 
 F64 = torch.float64
 TEXT = (
@@ -79,3 +88,243 @@ def test_sampling_respects_top_k_top_p_and_the_seed():
     assert torch.equal(a, sample(logits, 0.7, top_k=3, generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="top_p"):
         sample(logits, 1.0, top_p=0.0)
+
+
+# Export ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
+def test_export_round_trip(lm, width, tokenizer_json, tmp_path):
+    pretrained = Pretrained(lm, tokenizer_json=tokenizer_json, eos_token="<|endoftext|>", seq_len=64)
+    path = pretrained.save(tmp_path / "out", width)
+    files = {p.name for p in path.iterdir()}
+    assert {"matmamba.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    ids = torch.randint(0, 320, (2, 13))
+    loaded = MatMambaLM.from_pretrained(path)
+    torch.testing.assert_close(loaded.double()(ids), lm(ids, width))
+    assert loaded.num_params() == lm.num_params(width) < lm.num_params() or width is None
+    back = load(path)
+    assert back.tokenizer().encode("thunder").ids == pretrained.tokenizer().encode("thunder").ids
+    assert (back.seq_len, back.eos_token) == (64, "<|endoftext|>")
+    uniform = not isinstance(width, list)
+    assert ({"config.json", "pytorch_model.bin"} <= files) == uniform  # mamba-ssm's format when it can
+    if uniform:
+        torch.testing.assert_close(load_mamba_ssm(path).double()(ids), lm(ids, width))
+        config = json.loads((path / "config.json").read_text())
+        assert config["ssm_cfg"]["layer"] == "Mamba2" and config["n_layer"] == 3
+    # an export still nests the narrower widths, and says which were trained
+    assert back.granularities == [g for g in (32, 16, 8, 4) if g <= min(lm.config.resolve(width))]
+
+
+def test_export_loads_into_stock_mamba_ssm(lm, tmp_path):
+    """Stock mamba-ssm builds the exported model and loads its weights strictly (on the CPU)."""
+    import sys
+    import types
+
+    from lit_matmamba.kernels.mamba_ssm_compat import get_mamba_chunk_scan_combined
+
+    try:
+        get_mamba_chunk_scan_combined()
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except Exception as err:  # mamba-ssm, or the transformers it imports, is not installed
+        pytest.skip(f"stock mamba-ssm's LM cannot be imported here: {err}")
+    path = lm.float().save_pretrained(tmp_path / "w16", 32)
+    stock = MambaLMHeadModel.from_pretrained(str(path), device="cpu")
+    mine = stock.state_dict()
+    theirs = torch.load(path / "pytorch_model.bin")
+    assert set(mine) == set(theirs) and all(mine[k].shape == theirs[k].shape for k in mine)
+
+
+def test_vision_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MatMambaVision(MatMambaConfig.from_name("vision-tiny", num_classes=7)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    for width in (32, [64, 16]):
+        path = Pretrained(model, normalize={"mean": [0.1] * 3, "std": [0.3] * 3}).save(
+            tmp_path / str(width), width
+        )
+        torch.testing.assert_close(MatMambaVision.from_pretrained(path)(images), model(images, width))
+        timm = json.loads((path / "config.json").read_text())
+        assert timm["num_classes"] == 7 and timm["pretrained_cfg"]["mean"] == [0.1] * 3
+        assert timm["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    with pytest.raises(ValueError, match="not a MatMambaLM"):
+        MatMambaLM.from_pretrained(path)
+
+
+def test_export_refuses_bad_input_and_writes_nothing(lm, tmp_path):
+    with pytest.raises(ValueError, match="allowed widths are multiples of 4"):
+        Pretrained(lm).save(tmp_path / "bad", 6)
+    with pytest.raises(ValueError, match="needs 3 entries"):
+        Pretrained(lm).save(tmp_path / "bad", [16, 8])
+    (tmp_path / "there").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        Pretrained(lm).save(tmp_path / "there", 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
+
+
+# Checkpoints ----------------------------------------------------------------------------------
+class TokenData(L.LightningDataModule):
+    """Random token batches with what `TextDataModule` tells a checkpoint: a tokenizer file, its
+    end-of-text token and the training sequence length."""
+
+    def __init__(self, tokenizer_file: str = "", seq_len: int = 24, batches: int = 12, vocab_size: int = 300):
+        super().__init__()
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self.tokens = torch.randint(
+            0, vocab_size, (batches * 4, seq_len), generator=torch.Generator().manual_seed(0)
+        )
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.hparams.tokenizer_file
+
+    @property
+    def index(self) -> dict:
+        return {"eos_token": "<|endoftext|>"}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens, batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens, batch_size=4)
+
+    test_dataloader = val_dataloader
+
+
+class TwoLayerHead(nn.Module):
+    """A custom LM head: (B, L, in_features) -> (B, L, vocab_size)."""
+
+    def __init__(self, in_features: int, vocab_size: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def fit_one_step(module: L.LightningModule, datamodule: L.LightningDataModule, path: Path) -> Path:
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=path.parent,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoint(tmp_path_factory, tokenizer_json) -> Path:
+    """A tiny language model trained one step, with the metadata of a text data module."""
+    root = tmp_path_factory.mktemp("lm")
+    (root / "tokenizer.json").write_text(tokenizer_json)
+    torch.manual_seed(0)
+    module = LanguageModeling(MatMambaLM(lm_config()), granularities=[32, 16, 8, 4])
+    return fit_one_step(module, TokenData(str(root / "tokenizer.json")), root / "lm.ckpt")
+
+
+def test_checkpoint_records_what_deploying_needs(lm_checkpoint, tokenizer_json):
+    import hashlib
+
+    meta = torch.load(lm_checkpoint, weights_only=False)["matmamba"]
+    assert meta["version"] == 2 and meta["granularities"] == [32, 16, 8, 4] and meta["head"] is None
+    assert meta["tokenizer"]["json"] == tokenizer_json and meta["seq_len"] == 24
+    assert meta["tokenizer"]["sha256"] == hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    assert meta["tokenizer"]["eos_token"] == "<|endoftext|>"
+    pretrained = load(lm_checkpoint)
+    assert pretrained.eos_token_id() == pretrained.tokenizer().token_to_id("<|endoftext|>") == 0
+    assert pretrained.data["seq_len"] == 24  # the data module's hyperparameters, for `search`
+
+
+def test_custom_head_from_yaml_travels_with_the_checkpoint(tmp_path):
+    """The issue's report: a head given as class_path/init_args in the config; load_model, export
+    and generation rebuild it from the checkpoint alone."""
+    from lit_matmamba.cli import MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [
+        "--config",
+        str(repo / "configs/lm_demo.yaml"),
+        "--model.init_args.model.init_args.config",
+        json.dumps(lm_config().to_dict()),
+        "--model.init_args.model.init_args.head",
+        json.dumps(
+            {"class_path": f"{__name__}.TwoLayerHead", "init_args": {"in_features": 32, "vocab_size": 320}}
+        ),
+        "--model.init_args.granularities",
+        "[32, 16]",
+        "--model.init_args.scheduler",
+        "null",
+    ]
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+    )
+    assert cli.model.head_spec["class_path"] == f"{__name__}.TwoLayerHead"
+    ckpt = fit_one_step(cli.model, TokenData(), tmp_path / "head.ckpt")
+    model = cli.model.model.eval()
+    loaded = load_model(ckpt)
+    ids = torch.randint(0, 320, (2, 9))
+    assert type(loaded.lm_head) is TwoLayerHead
+    torch.testing.assert_close(loaded(ids, 16), model(ids, 16))
+    path = load(ckpt).save(tmp_path / "export", 16)
+    assert not (path / "config.json").exists()  # mamba-ssm has no place for a custom head
+    torch.testing.assert_close(MatMambaLM.from_pretrained(path)(ids), model(ids, 16))
+    prompt = [3, 1, 4, 1, 5]
+    assert MatMambaLM.from_pretrained(path).generate([torch.tensor(prompt)], 5, temperature=0)[
+        0
+    ].tolist() == (argmax_by_forward(model, prompt, 5, 16))
+
+
+def test_heads_built_in_python(tmp_path):
+    torch.manual_seed(0)
+    data = TokenData()
+    linear = MatMambaLM(lm_config(tie_embeddings=False, vocab_size=300), head=nn.Linear(32, 300, bias=True))
+    loaded = load_model(
+        fit_one_step(LanguageModeling(linear, granularities=[32, 8]), data, tmp_path / "a.ckpt")
+    )
+    ids = torch.randint(0, 300, (2, 7))
+    torch.testing.assert_close(
+        loaded(ids, 8), linear.eval()(ids, 8)
+    )  # an nn.Linear's arguments are read off it
+    custom = MatMambaLM(lm_config(), head=TwoLayerHead(32, 320))
+    ckpt = fit_one_step(LanguageModeling(custom, granularities=[32, 8]), data, tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match=r"built in Python.*head=\.\.\."):
+        load_model(ckpt)
+    loaded = load_model(ckpt, head=TwoLayerHead(32, 320))
+    torch.testing.assert_close(loaded(ids, 8), custom.eval()(ids, 8))
+
+
+def test_old_checkpoints_still_load(lm_checkpoint, tmp_path):
+    """Version 1 checkpoints (class, config, granularities only) load as before."""
+    ckpt = torch.load(lm_checkpoint, weights_only=False)
+    ckpt["matmamba"] = {k: ckpt["matmamba"][k] for k in ("class", "config", "granularities")}
+    torch.save(ckpt, tmp_path / "v1.ckpt")
+    old = load(tmp_path / "v1.ckpt")
+    assert old.tokenizer() is None and old.seq_len is None
+    ids = torch.randint(0, 320, (1, 5))
+    torch.testing.assert_close(old.model(ids, 8), load_model(lm_checkpoint)(ids, 8))
+
+
+def test_load_refuses_other_files(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        load(tmp_path / "notes.ckpt")
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not written by lit-matmamba"):
+        load(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError, match="neither an exported model"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.ckpt")
