@@ -29,6 +29,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
     "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
+    "export": (
+        "lit_matmamba.deploy.export",
+        "Write a standalone model of one width (mamba-ssm format if it can).",
+    ),
+    "generate": ("lit_matmamba.deploy.generate", "Generate text from a language model at any width."),
+    "search": (
+        "lit_matmamba.deploy.search",
+        "Find per-layer widths with the best validation metric under a params/FLOPs/latency budget.",
+    ),
+    "lm_eval": (
+        "lit_matmamba.deploy.harness",
+        "lm-evaluation-harness with the model adapter `matmamba` registered (needs the eval extra).",
+    ),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).
@@ -37,6 +50,9 @@ DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training r
   python main.py validate --config configs/lm_demo.yaml --ckpt_path PATH
   python main.py prepare text --help                        raw text -> token shards
   python main.py bench speed --help                         GPU benchmarks
+  python main.py search --ckpt_path PATH --budget params=1e6 best widths under a budget
+  python main.py export --ckpt_path PATH --width 64 --output DIR
+  python main.py generate --ckpt_path PATH --width 32 --prompt "To be"
 
 Every command takes --help.
 """
@@ -72,7 +88,12 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
-        importlib.import_module(module).main(argv[1:], prog=f"{_prog()} {argv[0]}")
+        prog = f"{_prog()} {argv[0]}"
+        try:
+            command = importlib.import_module(module)
+        except ModuleNotFoundError as err:  # an optional extra that is not installed
+            raise SystemExit(f"{prog}: {err}") from None
+        command.main(argv[1:], prog=prog)
         return None
     return MatMambaCLI(
         NestedModule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lit_matmamba import MatMambaConfig, MatMambaLM, MatMambaVision
+from lit_matmamba.cli import main
 from lit_matmamba.data.tokenizer import train_bpe_tokenizer
+from lit_matmamba.deploy.common import parse_width
+from lit_matmamba.deploy.search import evolve, pareto, parse_budget, rule_widths
 from lit_matmamba.io import Pretrained, load, load_model
 from lit_matmamba.models.interop import load_mamba_ssm
 from lit_matmamba.models.lm import sample
@@ -328,3 +332,397 @@ def test_load_refuses_other_files(tmp_path):
         load(tmp_path)
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.ckpt")
+
+
+# The commands -----------------------------------------------------------------------------------
+def run_command(args: list[str], capsys) -> str:
+    main(args)
+    return capsys.readouterr().out
+
+
+def command_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code not in (0, None)
+    return str(done.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "search"])
+def test_commands_explain_themselves(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ckpt_path" in out and "--width" in out or "--budget" in out
+
+
+def test_width_on_the_command_line(lm):
+    cfg = lm.config
+    assert parse_width("D/4", cfg) == 8 and parse_width("D", cfg) == 32 and parse_width("16", cfg) == 16
+    assert parse_width("32,4,16", cfg) == [32, 4, 16] == parse_width("32:4:16", cfg)
+    assert parse_width([8, 8, 8], cfg) == 8 and parse_width(None, cfg) is None
+    with pytest.raises(ValueError, match="not valid"):
+        parse_width("D/16", cfg)  # 2: fewer than whole heads
+    with pytest.raises(ValueError, match="not divisible"):
+        parse_width("D/5", cfg)
+    with pytest.raises(ValueError, match="give an int"):
+        parse_width("wide", cfg)
+
+
+def test_export_and_generate_commands(lm_checkpoint, tmp_path, capsys):
+    out = run_command(
+        ["export", "--ckpt_path", str(lm_checkpoint), "--width", "16", "--output", str(tmp_path / "w16")],
+        capsys,
+    )
+    assert "MambaLMHeadModel.from_pretrained" in out
+    model = load_model(lm_checkpoint)
+    tokenizer = load(lm_checkpoint).tokenizer()
+    prompt = "When shall we"
+    ids = tokenizer.encode(prompt).ids
+    greedy = argmax_by_forward(model, ids, 8, 16)[len(ids) :]
+    expected = tokenizer.decode(greedy[: greedy.index(0)] if 0 in greedy else greedy)  # EOS (id 0) ends it
+    for source in (["--ckpt_path", str(lm_checkpoint)], ["--model", str(tmp_path / "w16")]):
+        out = run_command(
+            ["generate", *source, "--width", "16", "--prompt", prompt, "--max_new_tokens", "8"], capsys
+        )
+        assert out.startswith(prompt + expected + "\n") and "tokens/s" in out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("When shall\nUpon the heath, where the place\nthunder\n")
+    out = run_command(
+        [
+            "generate",
+            "--ckpt_path",
+            str(lm_checkpoint),
+            "--prompts",
+            str(prompts),
+            "--width",
+            "[32,4,16]",
+            "--temperature",
+            "0.8",
+            "--top_p",
+            "0.9",
+        ],
+        capsys,
+    )
+    assert out.count("--- prompt") == 3 and "3 prompt(s)" in out
+
+
+def test_commands_refuse_bad_input_in_one_line(lm_checkpoint, tmp_path, capsys):
+    ckpt = str(lm_checkpoint)
+    assert "allowed widths" in command_error(
+        ["export", "--ckpt_path", ckpt, "--width", "6", "--output", str(tmp_path / "x")], capsys
+    )
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    assert "exists" in command_error(
+        ["export", "--ckpt_path", ckpt, "--output", str(tmp_path / "taken")], capsys
+    )
+    assert "empty" in command_error(["generate", "--ckpt_path", ckpt, "--prompt", ""], capsys)
+    long_prompt = "thunder " * 40
+    assert "longest context" in command_error(
+        ["generate", "--ckpt_path", ckpt, "--prompt", long_prompt], capsys
+    )
+    assert "either --ckpt_path" in command_error(["generate", "--prompt", "hi"], capsys)
+    (tmp_path / "notes.ckpt").write_text("hello")
+    assert "not a PyTorch checkpoint" in command_error(
+        ["generate", "--ckpt_path", str(tmp_path / "notes.ckpt"), "--prompt", "hi"], capsys
+    )
+    error = command_error(
+        ["search", "--ckpt_path", ckpt, "--budget", "params=1000", "--output", str(tmp_path / "s")], capsys
+    )
+    assert "no width meets the budget" in error and "costs" in error and not (tmp_path / "s").exists()
+    assert "give params=N" in command_error(["search", "--ckpt_path", ckpt, "--budget", "memory=3"], capsys)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_refuses_a_vision_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    vision = MatMambaVision(MatMambaConfig.from_name("vision-tiny"))
+    path = vision.save_pretrained(tmp_path / "v")
+    assert "not a language model" in command_error(
+        ["generate", "--model", str(path), "--prompt", "hi"], capsys
+    )
+
+
+# Search -----------------------------------------------------------------------------------------
+def test_budgets_parse():
+    assert parse_budget("params=2.5M") == ("params", 2.5e6) and parse_budget("latency_ms=4") == (
+        "latency_ms",
+        4.0,
+    )
+    assert parse_budget("flops = 3e6") == ("flops", 3e6)
+    for bad in ("params", "speed=3", "params=-1", "params=x"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_pareto_keeps_what_nothing_cheaper_beats():
+    points = [(1, 5.0), (2, 4.0), (2, 3.0), (3, 3.5), (4, 1.0), (5, 1.0)]
+    assert pareto(points) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("n_layer, strategy", [(3, "exhaustive"), (10, "evolution")])
+def test_evolve_meets_the_budget_and_finds_good_widths(n_layer, strategy):
+    """A synthetic problem with a known answer: the score rewards width in early layers more."""
+    space = [[1, 2, 4, 8]] * n_layer
+    weights = [n_layer - i for i in range(n_layer)]
+
+    def cost(w):
+        return sum(w)
+
+    def score(w):
+        return -sum(a * b**0.5 for a, b in zip(weights, w))
+
+    budget = 3 * n_layer
+    archive, used = evolve(space, cost, score, budget, population=12, generations=15, rng=random.Random(1))
+    assert used == strategy and all(cost(w) <= budget for w in archive)
+    best = min(archive, key=archive.get)
+    import itertools
+
+    if n_layer <= 4:
+        optimum = min((w for w in itertools.product(*space) if cost(w) <= budget), key=score)
+        assert best == optimum
+    else:  # evolution beats every uniform width under the budget and most random widths
+        uniform = min(score((w,) * n_layer) for w in (1, 2) if w * n_layer <= budget)
+        assert score(best) < uniform
+    with pytest.raises(ValueError, match="smallest.*costs"):
+        evolve(space, cost, score, n_layer - 1)
+
+
+def test_rules():
+    assert rule_widths("uniform", [16, 32], 2) == [(32, 32), (16, 16)]
+    assert (32, 16, 16) in rule_widths("pyramid", [32, 16], 3) and (16, 16, 32) in rule_widths(
+        "inverted_pyramid", [32, 16], 3
+    )
+
+
+@pytest.mark.parametrize("budget", ["params=20000", "flops=50000", "latency_ms=1000"])
+def test_search_on_a_trained_checkpoint(lm_checkpoint, tmp_path, budget, capsys):
+    from lit_matmamba.deploy.search import search
+
+    kind, limit = parse_budget(budget)
+    result = search(
+        str(lm_checkpoint),
+        budget,
+        output=str(tmp_path / "out"),
+        data=TokenData(),
+        population=6,
+        generations=3,
+        proxy_batches=2,
+        confirm_batches=3,
+        final_split="test",
+        seq_len=24,
+    )
+    frontier = result["frontier"]
+    assert result["chosen"][kind] <= limit and result["chosen"]["width"] == frontier[-1]["width"]
+    costs, losses = [p[kind] for p in frontier], [p["confirm"] for p in frontier]
+    assert costs == sorted(costs) and losses == sorted(losses, reverse=True)  # monotone
+    assert all(p[kind] <= limit for p in result["evaluated"])
+    assert len(result["evaluated"]) == result["space"]["evaluated"] > len(frontier)
+    uniform = result["rules_at_budget"]["uniform"]
+    assert uniform is None or (len(set(uniform["width"])) == 1 and uniform[kind] <= limit)
+    written = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    assert written["chosen"]["width"] == result["chosen"]["width"]
+    assert (tmp_path / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "out").glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "python main.py export" in out
+    width = parse_width(str(tmp_path / "out" / "frontier.json"), lm_config())
+    assert list(lm_config().resolve(width)) == result["chosen"]["width"]
+    # the model's own loss on the confirmation batches gives the reported number
+    model = load_model(lm_checkpoint)
+    batches = list(TokenData().val_dataloader())[2:5]
+    own = sum(float(model.loss(b, result["chosen"]["width"])) for b in batches) / 3
+    assert own == pytest.approx(result["chosen"]["confirm"], rel=1e-5)
+
+
+# lm-evaluation-harness ---------------------------------------------------------------------------
+TASKS = {
+    "tiny_ll": (
+        "loglikelihood",
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\nmetric_list:\n  - metric: acc\n',
+    ),
+    "tiny_rolling": (
+        "loglikelihood_rolling",
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n',
+    ),
+    "tiny_gen": (
+        "generate_until",
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n",
+    ),
+}
+
+
+def write_tasks(root: Path) -> Path:
+    docs = [
+        {"context": "When shall we three", "continuation": " meet again", "text": TEXT[:90]},
+        {"context": "Upon the", "continuation": " heath.", "text": TEXT[50:200]},
+        {"context": "in thunder, lightning, or", "continuation": " in rain?", "text": TEXT * 2},
+    ]
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for name, (output_type, rest) in TASKS.items():
+        (root / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\noutput_type: {output_type}\n{rest}"
+        )
+    return root
+
+
+def own_logprob(
+    model: MatMambaLM, context: list[int], continuation: list[int], width, max_length: int
+) -> float:
+    """The model's own loss (its cross-entropy op) summed over the continuation, given at most the
+    last `max_length` tokens before each (the adapter's documented truncation)."""
+    seq = (context + continuation)[-(max_length + 1) :]
+    losses = model.loss(torch.tensor([seq]), width, reduction="none")  # one per predicted token
+    return -float(losses[len(seq) - len(continuation) - 1 :].sum())
+
+
+def test_lm_eval_adapter_matches_the_model(lm_checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import lit_matmamba.deploy.harness  # noqa: F401  (registers "matmamba")
+
+    width = [32, 4, 16]
+    results = lm_eval.simple_evaluate(
+        model="matmamba",
+        model_args=f"pretrained={lm_checkpoint},width=32:4:16,max_length=16",
+        batch_size=2,
+        tasks=list(TASKS),
+        task_manager=TaskManager(include_path=str(write_tasks(tmp_path))),
+        log_samples=True,
+        random_seed=0,
+    )
+    pretrained = load(lm_checkpoint)
+    model, tok = pretrained.model, pretrained.tokenizer()
+    assert all(len(results["samples"][task]) == 3 for task in TASKS)
+    for sample_ in results["samples"]["tiny_ll"]:
+        doc = sample_["doc"]
+        context, continuation = (
+            tok.encode(doc["context"]).ids,
+            tok.encode(doc["context"] + doc["continuation"]).ids,
+        )
+        continuation = continuation[len(context) :]
+        logprob, greedy = sample_["resps"][0][0]
+        assert float(logprob) == pytest.approx(own_logprob(model, context, continuation, width, 16), abs=1e-4)
+    for sample_ in results["samples"]["tiny_rolling"]:
+        ids = tok.encode(sample_["doc"]["text"]).ids
+        # windows of max_length=16 predictions, each conditioned on the tokens before it in the window
+        expected, done = 0.0, 0
+        while done < len(ids):
+            n = min(16, len(ids) - done)
+            context = [0] if done == 0 else ids[done + n - 17 : done]
+            expected += own_logprob(model, context, ids[done : done + n], width, 16)
+            done += n
+        assert float(sample_["resps"][0][0]) == pytest.approx(expected, abs=1e-3)
+    for sample_ in results["samples"]["tiny_gen"]:
+        ids = tok.encode(sample_["doc"]["context"]).ids[-16:]
+        greedy = argmax_by_forward(model, ids, 6, width)[len(ids) :]
+        if 0 in greedy:
+            greedy = greedy[: greedy.index(0)]
+        assert sample_["resps"][0][0] == tok.decode(greedy, skip_special_tokens=True).split("\n")[0]
+
+
+# The demo, as a user runs it --------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_command_on_the_demo_checkpoint(tmp_path, capsys, monkeypatch):
+    """A few steps of `fit --config configs/lm_demo.yaml`, then export, generate, search and lm_eval
+    from its checkpoint."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = Path(__file__).resolve().parents[1]
+    main(
+        [
+            "fit",
+            "--config",
+            str(repo / "configs/lm_demo.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.max_steps",
+            "3",
+            "--model.init_args.scheduler.init_args.warmup_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath",
+            str(tmp_path / "ckpt"),
+            "--trainer.callbacks.save_last",
+            "true",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_workers",
+            "0",
+        ]
+    )
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    capsys.readouterr()
+    out = run_command(
+        ["export", "--ckpt_path", ckpt, "--width", "D/2", "--output", str(tmp_path / "d2")], capsys
+    )
+    assert "MambaLMHeadModel.from_pretrained" in out
+    run_command(
+        ["export", "--ckpt_path", ckpt, "--width", "[128,64,32,16]", "--output", str(tmp_path / "mix")],
+        capsys,
+    )
+    ids = torch.randint(0, 4096, (1, 20))
+    nested = load_model(ckpt)
+    torch.testing.assert_close(
+        MatMambaLM.from_pretrained(tmp_path / "mix")(ids), nested(ids, [128, 64, 32, 16])
+    )
+    out = run_command(
+        ["generate", "--model", str(tmp_path / "d2"), "--prompt", "ROMEO:", "--max_new_tokens", "5"], capsys
+    )
+    assert out.startswith("ROMEO:") and "tokens/s" in out
+    budget = nested.num_params([64, 64, 32, 32])
+    out = run_command(
+        [
+            "search",
+            "--ckpt_path",
+            ckpt,
+            "--budget",
+            f"params={budget}",
+            "--output",
+            str(tmp_path / "search"),
+            "--population",
+            "4",
+            "--generations",
+            "1",
+            "--proxy_batches",
+            "1",
+            "--confirm_batches",
+            "1",
+        ],
+        capsys,
+    )
+    chosen = json.loads((tmp_path / "search" / "frontier.json").read_text())["chosen"]
+    assert chosen["params"] <= budget and "python main.py export" in out
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks")
+    main(
+        [
+            "lm_eval",
+            "--model",
+            "matmamba",
+            "--model_args",
+            f"pretrained={tmp_path / 'd2'}",
+            "--batch_size",
+            "4",
+            "--tasks",
+            "tiny_ll",
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--limit",
+            "2",
+        ]
+    )
+    assert "tiny_ll" in capsys.readouterr().out
