@@ -189,13 +189,15 @@ def checkpoint_metadata(
     spec when known from the config (else read off the model, `head_spec`); `datamodule`: the
     trainer's data module, whose tokenizer, sequence length and image normalisation are recorded
     when it has them (`TextDataModule.tokenizer_path`, `seq_len`; `ImageDataModule` mean/std)."""
-    custom = head_spec(model)
+    custom = head_spec(model)  # None for the default head
+    if custom is not None and head is not None:
+        custom = head  # the config's spec: its arguments are known
     meta: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": model.config.to_dict(),
         "granularities": list(granularities),
-        "head": (head if head is not None else custom) if custom is not None else None,
+        "head": custom,
         "tokenizer": None,
         "seq_len": None,
         "normalize": None,

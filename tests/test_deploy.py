@@ -536,6 +536,48 @@ def test_search_on_a_trained_checkpoint(lm_checkpoint, tmp_path, budget, capsys)
     assert own == pytest.approx(result["chosen"]["confirm"], rel=1e-5)
 
 
+class ImageData(L.LightningDataModule):
+    """Random images with class indices (B,), as `ImageDataModule` gives for val and test."""
+
+    def __init__(self, batches: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batches * 8, 3, 32, 32, generator=g)
+        self.targets = torch.randint(0, 10, (batches * 8,), generator=g)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(list(zip(self.images, self.targets)), batch_size=8)
+
+    test_dataloader = val_dataloader
+
+
+def test_search_a_vision_model_by_accuracy(tmp_path):
+    from lit_matmamba.deploy.search import search
+
+    torch.manual_seed(0)
+    vision = MatMambaVision(MatMambaConfig.from_name("vision-tiny"))
+    path = vision.save_pretrained(tmp_path / "v")
+    budget = vision.num_params([64, 32])
+    result = search(
+        str(path),
+        f"params={budget}",
+        output=str(tmp_path / "s"),
+        data=ImageData(),
+        metric="top1",
+        proxy_batches=2,
+    )
+    frontier = result["frontier"]
+    assert result["chosen"]["params"] <= budget and result["higher_is_better"]
+    assert [p["confirm"] for p in frontier] == sorted(p["confirm"] for p in frontier)  # accuracy rises
+    assert all(0 <= p["confirm"] <= 1 for p in frontier)
+    pyramid = result["rules_at_budget"]["pyramid"]
+    assert pyramid["width"] == [64, 32] and result["rules_at_budget"]["inverted_pyramid"]["width"] == [32, 64]
+    model = MatMambaVision.from_pretrained(path)
+    images, targets = ImageData().images[16:48], ImageData().targets[16:48]  # the confirmation batches
+    accuracy = float((model(images, pyramid["width"]).argmax(-1) == targets).float().mean())
+    assert accuracy == pytest.approx(pyramid["confirm"])
+
+
 # lm-evaluation-harness ---------------------------------------------------------------------------
 TASKS = {
     "tiny_ll": (

@@ -296,7 +296,10 @@ def rule_widths(rule: str, granularities: Sequence[int], n_layer: int) -> list[W
 def _datamodule(pretrained: Pretrained, data: LightningDataModule | None) -> LightningDataModule:
     if data is not None:
         return data
-    hparams = dict(pretrained.data or {})
+    # Lightning's own keys besides the class path (e.g. "_instantiator") are not arguments.
+    hparams = {
+        k: v for k, v in (pretrained.data or {}).items() if k == "_class_path" or not k.startswith("_")
+    }
     if "_class_path" not in hparams:
         raise ValueError(
             f"{pretrained.source} does not record its data module (it was not trained through main.py fit): "
@@ -381,6 +384,8 @@ def search(
         seed: seed of the evolutionary search.
     """
     kind, limit = parse_budget(budget)
+    if min(population, proxy_batches, confirm_batches, confirm_max) < 1 or generations < 0:
+        raise ValueError("population, proxy_batches, confirm_batches and confirm_max must be at least 1")
     dev = pick_device(device)
     pretrained = load(ckpt_path, map_location=dev)
     model = pretrained.model.eval()
@@ -456,8 +461,7 @@ def search(
     searched = list(archive)
     front = [searched[i] for i in pareto([(cost(w), archive[w]) for w in searched])]
     if len(front) > confirm_max:  # the best few, and the rest spread over the cost range
-        best = front[-3:]
-        rest = front[:-3]
+        best, rest = front[-min(3, confirm_max) :], front[: -min(3, confirm_max)]
         k = confirm_max - len(best)
         front = [rest[round(i * (len(rest) - 1) / max(k - 1, 1))] for i in range(k)] + best
     at_budget = {r: max((w for w in rules[r] if cost(w) <= limit), key=cost, default=None) for r in RULES}
@@ -529,6 +533,7 @@ def _write(result: dict[str, Any], output: Path, kind: str) -> None:
     from lit_matmamba import plots
 
     split = "final" if result["data"]["final"] else "confirm"
+    where = result["data"][split].split(" ")[0] if split == "final" else "the confirmation batches"
     metric = result["metric"]
 
     def for_plot(points: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -545,7 +550,7 @@ def _write(result: dict[str, Any], output: Path, kind: str) -> None:
     fig = plots.quality_vs_params(
         series,
         metric,
-        title=f"{result['model']}: {metric} on {split} data, budget {kind}={budget['value']:.4g}",
+        title=f"{result['model']}: {metric} on {where}, budget {kind}={budget['value']:.4g}",
         lines=["frontier (search)"],
         x=kind,
     )
