@@ -13,8 +13,8 @@ training checkpoint or a model directory with a tokenizer), `width` (an int, `D/
 result JSON, or one int per layer separated by colons: `64:32:32:16`, since lm-eval splits
 `--model_args` on commas), `max_length` (default: the trained sequence length; longer inputs
 keep their last tokens, and loglikelihood_rolling uses windows of it), `max_gen_toks`. The device
-and batch size come from lm-eval's `--device` (CUDA when there is none: the CPU) and
-`--batch_size`.
+and batch size come from lm-eval's `--device` (its default, cuda, runs on the CPU where there is
+no GPU) and `--batch_size`.
 
 Scoring is exact under batching: the model is causal, so right-padding a batch to its longest
 sequence changes no logit that is read.
@@ -188,6 +188,9 @@ def main(argv: list[str], prog: str = "python main.py lm_eval") -> None:
     """lm-eval's own command line, with the model `matmamba` registered (`lm_eval --help`)."""
     from lm_eval.__main__ import cli_evaluate
 
+    if argv in ([], ["-h"], ["--help"]):  # what the adapter takes, then lm-eval's `run --help`
+        print(__doc__, flush=True)
+        argv = ["run", "--help"]
     saved = sys.argv
     sys.argv = [prog, *argv]
     try:
