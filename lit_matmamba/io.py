@@ -231,10 +231,16 @@ def _read_tokenizer(location: str) -> tuple[str, str]:
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict of a Lightning checkpoint file, with a clear error for anything else."""
+    """The dict of a Lightning checkpoint (the one place a training checkpoint is opened), with a
+    clear error for anything else."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint file, an exported model ({META_FILE}) nor a mamba-ssm "
+            "checkpoint (config.json)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
@@ -270,9 +276,6 @@ def load(
             ):
                 pretrained.eos_token = EOS_TOKEN
             return pretrained
-        raise FileNotFoundError(
-            f"{path} is neither an exported model ({META_FILE}) nor a mamba-ssm checkpoint (config.json)"
-        )
     ckpt = read_checkpoint(path, map_location)
     meta = ckpt.get("matmamba") if isinstance(ckpt, dict) else None
     if meta is None or "state_dict" not in ckpt:

@@ -328,7 +328,7 @@ def test_load_refuses_other_files(tmp_path):
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not written by lit-matmamba"):
         load(tmp_path / "other.ckpt")
-    with pytest.raises(FileNotFoundError, match="neither an exported model"):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint file, an exported model"):
         load(tmp_path)
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.ckpt")
