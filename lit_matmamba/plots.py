@@ -58,26 +58,32 @@ def granularity_curves(run_dir: str | Path, metrics: Sequence[str] = ("train/los
 
 
 def quality_vs_params(
-    series: dict[str, list[dict[str, Any]]], metric: str, title: str = "", lines: Sequence[str] = ()
+    series: dict[str, list[dict[str, Any]]],
+    metric: str,
+    title: str = "",
+    lines: Sequence[str] = (),
+    x: str = "params",
 ) -> Figure:
-    """Metric against parameters used (millions): `series` maps a legend label to points
-    `{"params": int, metric: float, "label": str (optional)}`; series named in `lines` are joined by
+    """Metric against parameters used (millions), or against another cost of the points (`x`,
+    e.g. "flops" or "latency_ms"): `series` maps a legend label to points
+    `{x: number, metric: float, "label": str (optional)}`; series named in `lines` are joined by
     lines (and their points labelled), the others drawn as markers."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     markers = iter("xs^vD+*")
+    scale = 1e-6 if x == "params" else 1.0
     for name, points in series.items():
         if not points:
             continue
-        points = sorted(points, key=lambda p: p["params"])
-        xs, ys = [p["params"] / 1e6 for p in points], [p[metric] for p in points]
+        points = sorted(points, key=lambda p: p[x])
+        xs, ys = [p[x] * scale for p in points], [p[metric] for p in points]
         if name in lines:
             ax.plot(xs, ys, "o-", label=name)
-            for p, x, y in zip(points, xs, ys):
+            for p, px, py in zip(points, xs, ys):
                 if p.get("label"):
-                    ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                    ax.annotate(p["label"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
         else:
             ax.plot(xs, ys, next(markers, "."), label=name)
-    ax.set_xlabel("parameters used (M)")
+    ax.set_xlabel("parameters used (M)" if x == "params" else x)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
