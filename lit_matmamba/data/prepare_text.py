@@ -20,7 +20,7 @@ Output directory layout::
     {"format": "lit-matmamba-tokens", "version": 1,
      "tokenizer": {"file": "tokenizer.json", "source": <path given>, "sha256": <of tokenizer.json>},
      "vocab_size": int, "eos_token": str, "eos_id": int, "dtype": "uint16" | "uint32", "seq_len": int,
-     "splits": {<split>: {"shards": [{"name": "train-00000.tar", "sequences": int}, ...],
+     "splits": {<split>: {"shards": [{"name": "train-00000.tar", "sequences": int, "sha256": str}, ...],
                           "sequences": int, "tokens": int, "text_bytes": int, "documents": int,
                           "dropped_tokens": int, "inputs": [str, ...]}}}
 
@@ -28,6 +28,8 @@ Output directory layout::
 ``text_bytes`` the number of UTF-8 bytes of text that produced them, so bits per byte is
 ``loss_nats / ln 2 * tokens / text_bytes``. The token stream of a split is cut into sequences without
 padding; its last ``dropped_tokens`` (< ``seq_len``) tokens are not stored and their text is not counted.
+``sha256`` is that of the shard file; readers check it the first time they open a shard. Indexes written
+before it was recorded have none and are still read, with a warning that their shards cannot be checked.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def prepare_text(
     ``.txt.gz``/``.jsonl.gz``. An input may be a file, a directory (all such files below it, sorted) or a
     glob pattern. Output is written to a temporary directory next to ``output_dir`` and renamed into
     place at the end, so ``output_dir`` is complete or absent, and the same inputs always give
-    byte-identical shards.
+    byte-identical shards; index.json lists the sha256 of each shard, which readers check.
 
     Args:
         output_dir: Directory to create: shards, index.json and a copy of the tokenizer.
@@ -371,13 +373,16 @@ class _SplitWriter:
         self.sequences += 1
         self.shards[-1]["sequences"] += 1
         if self.shards[-1]["sequences"] == self.per_shard:
-            self.tar.close()
-            self.tar = None
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self.tar.close()
+        self.tar = None
+        self.shards[-1]["sha256"] = file_sha256(self.directory / self.shards[-1]["name"])
 
     def close(self, tok: Tokenizer) -> dict[str, Any]:
         if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+            self._close_shard()
         return {
             "shards": self.shards,
             "sequences": self.sequences,

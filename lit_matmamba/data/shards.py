@@ -4,8 +4,9 @@ A *shard folder* is what ``python main.py prepare`` writes: ``index.json`` next 
 shards named ``<split>-NNNNN.tar``. Both modalities locate it the same way (a local path, a URL
 that webdataset's ``gopen`` opens, or a ``{}`` template for ``pipe:``), read its index with the
 same checks of format and version, write it through the same atomic publish with the same fixed
-tar metadata, and feed it to Lightning through the same epoch-setting loader. What the index
-holds, and how each modality splits its samples over ranks and workers, stays in its own module.
+tar metadata, check each shard against the sha256 its index lists with the same reader, and feed
+it to Lightning through the same epoch-setting loader. What the index holds, and how each
+modality splits its samples over ranks and workers, stays in its own module.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import shutil
 import tarfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, MutableSet, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 
 INDEX_NAME = "index.json"
+
+
+class ShardError(ValueError):
+    """Shards that disagree with their index.json, or cannot be read; the message names the shard."""
 
 
 def default_data_dir() -> Path:
@@ -179,7 +185,7 @@ def publishing(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (which tokenizer made a set of shards; that a download is the pinned one)."""
+    """Hex sha256 of a file (a shard's checksum; which tokenizer made a set of shards; that a download is the pinned one)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -203,6 +209,79 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(data))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def warn_unverifiable(where: str, made_by: str) -> None:
+    """Warn that the index at ``where`` lists no sha256 for its shards, so damage to them goes unnoticed."""
+    warnings.warn(
+        f"{where} lists no sha256 of its shards (it was written before lit-matmamba recorded them), so a "
+        f"damaged shard cannot be detected: run `{made_by}` again with --overwrite true to add them (a default "
+        f"data set: delete its folder and it is rebuilt)",
+        stacklevel=3,
+    )
+
+
+class CheckedShard:
+    """A shard open for reading, as :func:`open_checked` gives it: ``read()`` it, then call :meth:`finish`."""
+
+    def __init__(self, stream: Any, url: str, sha256: str | None, verified: MutableSet[str]):
+        self.stream, self.url, self.sha256, self.verified = stream, url, sha256, verified
+        self.digest = hashlib.sha256() if sha256 is not None else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if self.digest is not None:
+            self.digest.update(data)
+        return data
+
+    def finish(self) -> None:
+        """Call once every sample of the shard has been read: checks the sha256 of the stream, if still due.
+
+        Reads what the tar reader left unread (the end-of-archive blocks), so it costs nothing more.
+        """
+        if self.digest is None:
+            return
+        for _ in iter(lambda: self.read(1 << 20), b""):
+            pass
+        check_sha256(self.url, self.sha256, self.digest.hexdigest())
+        self.verified.add(self.url)
+        self.digest = None
+
+
+@contextlib.contextmanager
+def open_checked(url: str, sha256: str | None, verified: MutableSet[str]) -> Iterator[CheckedShard]:
+    """Open shard ``url`` for reading; the first time (``url`` not in ``verified``) check it against ``sha256``.
+
+    A local shard is hashed before its first byte is returned (a second read, from the page cache),
+    so a damaged shard fails before any of its samples is used. A URL is hashed as it streams, and
+    checked by :meth:`CheckedShard.finish` when a reader has read the whole shard: with every shard
+    read to its end once per epoch, a damaged one fails within the epoch, after its samples were
+    read. A checked ``url`` is added to ``verified`` (the caller's set, one per dataset, so each
+    worker checks each shard once). ``sha256`` None (an index without checksums): no check.
+
+    Raises:
+        ShardError: the shard's sha256 differs from ``sha256``; the message names the shard, both
+            hashes and the fix.
+    """
+    due = sha256 is not None and url not in verified
+    if due and not is_url(url):
+        check_sha256(url, sha256, file_sha256(url))
+        verified.add(url)
+        due = False
+    with gopen(url, "rb") as stream:
+        yield CheckedShard(stream, url, sha256 if due else None, verified)
+
+
+def check_sha256(url: str, expected: str, actual: str) -> None:
+    """Raise :class:`ShardError` naming shard ``url`` when its sha256 ``actual`` is not the index's ``expected``."""
+    if actual != expected:
+        raise ShardError(
+            f"shard {url} is damaged or not the file its {INDEX_NAME} was written with: its sha256 is {actual}, "
+            f"the index lists {expected}; copy (or download) it again, or re-run prepare"
+        )
 
 
 # --------------------------------------------------------------------------- loading
