@@ -9,6 +9,7 @@ finds. Add a case by writing one more such function; the helpers above the cases
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +184,20 @@ def text_shard_damaged_read_through_a_url(tmp):
     data = text_data(tmp)
     flip_bit(data / "train-00002.tar", first_token_offset(data / "train-00002.tar"))
     read_text(f"file://{data}", shuffle=False)
+
+
+@bad_input(
+    ValueError,
+    r"train-00001\.tar of split 'train': sequence 0000000004 holds token id 65535, but index\.json gives vocab_size 98",
+)
+def text_token_id_beyond_the_vocabulary(tmp):
+    # A shard whose index lies about its tokenizer: the checksum matches, the ids do not.
+    data = text_data(tmp)
+    shard = data / "train-00001.tar"
+    overwrite(shard, first_token_offset(shard), b"\xff\xff")
+    sha256 = hashlib.sha256(shard.read_bytes()).hexdigest()
+    edit_index(data, lambda index: index["splits"]["train"]["shards"][1].update(sha256=sha256))
+    read_text(data)
 
 
 @bad_input(

@@ -27,7 +27,8 @@ and the epoch, so it is reproducible, and a resumed epoch can skip exactly what 
 
 Damaged data is an error naming the shard, never trained on silently: each worker checks a shard against
 the sha256 in index.json the first time it opens it in an epoch (a local shard before any of it is used;
-see :func:`~lit_matmamba.data.shards.open_checked`).
+see :func:`~lit_matmamba.data.shards.open_checked`), and every decoded sequence must hold token ids below
+the index's ``vocab_size``, the bound :meth:`TextDataModule.check_vocab` compares with the model's at setup.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class TokenSequenceDataset(IterableDataset):
         stored_len: Tokens per stored sequence.
         seq_len: Tokens per yielded sequence; at most ``stored_len``.
         dtype: Stored dtype, "uint16" or "uint32".
+        vocab_size: Token ids must be below this (the index's); None: not checked.
         checksums: sha256 of each shard (from index.json), checked the first time each worker opens
             it; None, or None for a shard: not checked.
         batch_size: Sequences per batch (the last batches of an epoch can be smaller).
@@ -217,6 +219,7 @@ class TokenSequenceDataset(IterableDataset):
         seq_len: int,
         dtype: str,
         batch_size: int,
+        vocab_size: int | None = None,
         checksums: Sequence[str | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -246,6 +249,7 @@ class TokenSequenceDataset(IterableDataset):
             seed,
         )
         self.first_key = list(itertools.accumulate([0] + self.shard_sequences[:-1]))
+        self.vocab_size = vocab_size
         self.checksums = list(checksums) if checksums is not None else [None] * len(self.shards)
         # Shards this process has checked; each worker has its own copy.
         self._verified: set[str] = set()
@@ -391,6 +395,13 @@ class TokenSequenceDataset(IterableDataset):
             raise ValueError(
                 f"shard {url}: {member.name} holds {tokens.dtype} {tokens.shape}, but index.json says "
                 f"{self.dtype.name} ({self.stored_len},): the shard does not match the index; re-run prepare"
+            )
+        # The model's embedding would fail on it (or, below its padded size, train on it) far from here.
+        if self.vocab_size is not None and (top := int(tokens.max())) >= self.vocab_size:
+            raise ValueError(
+                f"shard {url} of split {self.split!r}: sequence {member.name.split('.')[0]} holds token id {top}, "
+                f"but index.json gives vocab_size {self.vocab_size}: the shard is damaged or was made with "
+                f"another tokenizer; copy it again or re-run prepare"
             )
         return tokens
 
@@ -598,6 +609,7 @@ class TextDataModule(L.LightningDataModule):
             seq_len=self.seq_len,
             dtype=self.index["dtype"],
             batch_size=self.batch_size,
+            vocab_size=self.index["vocab_size"],
             checksums=[shard.get("sha256") for shard in entry["shards"]],
             rank=default_rank if rank is None else rank,
             world_size=default_world_size if world_size is None else world_size,
