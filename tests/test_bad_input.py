@@ -9,8 +9,10 @@ finds. Add a case by writing one more such function; the helpers above the cases
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,12 +115,43 @@ def flip_bit(path: Path, offset: int) -> None:
 # --------------------------------------------------------------------------- prepare text: inputs
 
 
+@bad_input(ValueError, r"nul\.txt is not text: it holds a NUL byte \(first at byte 0\)")
+def prepare_text_file_of_nul_bytes(tmp):
+    (tmp / "nul.txt").write_bytes(b"\0" * 4096)
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "nul.txt"), seq_len=8)
+
+
+@bad_input(ValueError, r"late\.txt is not text: it holds a NUL byte \(first at character 70000\)")
+def prepare_text_nul_byte_past_the_checked_start(tmp):
+    (tmp / "late.txt").write_bytes(b"w1 " * 23333 + b"w\0")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "late.txt"), seq_len=8)
+
+
 @bad_input(ValueError, r"latin1\.jsonl is not UTF-8 text .*convert it to UTF-8")
 def prepare_text_not_utf8(tmp):
     (tmp / "latin1.jsonl").write_bytes(
         json.dumps({"text": "caf\xe9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9")
     )
     prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "latin1.jsonl"), seq_len=8)
+
+
+@bad_input(ValueError, r"plain\.txt\.gz is not a readable \.txt\.gz file \(Not a gzipped file")
+def prepare_text_gz_that_is_not_gzip(tmp):
+    (tmp / "plain.txt.gz").write_text("w1 w2 w3")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "plain.txt.gz"), seq_len=8)
+
+
+@bad_input(ValueError, r"cut\.txt\.gz is damaged \(Compressed file ended")
+def prepare_text_truncated_gz(tmp):
+    words = random.Random(0).choices([f"w{i}" for i in range(1, WORDS + 1)], k=100_000)
+    (tmp / "cut.txt.gz").write_bytes(gzip.compress(" ".join(words).encode())[:100_000])
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "cut.txt.gz"), seq_len=8)
+
+
+@bad_input(ValueError, r"fake\.parquet is not a readable parquet file")
+def prepare_text_parquet_that_is_not_parquet(tmp):
+    (tmp / "fake.parquet").write_text("w1 w2 w3")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "fake.parquet"), seq_len=8)
 
 
 @bad_input(ValueError, r"unsupported input file type: .*data\.csv")
