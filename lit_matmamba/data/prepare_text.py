@@ -91,8 +91,10 @@ def prepare_text(
     field ``text_field``), ``.parquet`` (column ``text_field``, e.g. FineWeb; needs pyarrow), and
     ``.txt.gz``/``.jsonl.gz``. An input may be a file, a directory (all such files below it, sorted) or a
     glob pattern. Output is written to a temporary directory next to ``output_dir`` and renamed into
-    place at the end, so ``output_dir`` is complete or absent, and the same inputs always give
-    byte-identical shards; index.json lists the sha256 of each shard, which readers check.
+    place at the end, so ``output_dir`` is complete or absent (an error, Ctrl-C or SIGTERM removes
+    the temporary directory; one left by a killed run is removed by the next run), and the same
+    inputs always give byte-identical shards; index.json lists the sha256 of each shard, which
+    readers check.
 
     Inputs that are not text fail before any tokenizing, with an error naming the file: a
     ``.txt``/``.jsonl`` file whose first 64 KiB hold a NUL byte or are not UTF-8, a ``.gz`` that is

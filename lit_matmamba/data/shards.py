@@ -16,8 +16,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import tarfile
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, MutableSet, Sequence
@@ -146,9 +151,15 @@ def listing(items: Sequence[str], limit: int = 10) -> str:
 def publishing(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Give an empty hidden folder beside ``output_dir`` to write into; rename it to ``output_dir`` at the end.
 
-    So ``output_dir`` is complete or absent: an error or interrupt inside the block removes the
-    temporary folder and leaves ``output_dir`` as it was. With ``overwrite`` an existing
+    So ``output_dir`` is complete or absent: an error, an interrupt or SIGTERM inside the block
+    removes the temporary folder and leaves ``output_dir`` as it was. With ``overwrite`` an existing
     ``output_dir`` stays until the new one is complete.
+
+    Inside the block SIGTERM raises ``SystemExit(143)`` (after any handler installed before runs), so
+    that this cleanup, and the caller's, runs. A process killed outright (SIGKILL, power loss) cannot
+    clean up: its temporary folders are named after its host and process id, and the next
+    ``publishing`` into the same parent removes those whose process is gone (this host's only; a
+    folder of a live process is never touched), saying so in one line on stderr.
 
     Raises:
         FileExistsError: ``output_dir`` exists and ``overwrite`` is off, at the start; or, at the end,
@@ -161,27 +172,104 @@ def publishing(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             f"{output_dir} already exists: pass overwrite=True (--overwrite true) to replace it"
         )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir.parent)
     # mkdir rather than mkdtemp, so that the published folder gets the usual permissions.
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
+    tmp = _temporary_name(output_dir, "tmp")
     tmp.mkdir()
-    try:
-        yield tmp
-        if output_dir.exists() and overwrite:
-            old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            # rename onto an empty folder succeeds on POSIX, so look first.
-            if output_dir.exists():
-                raise FileExistsError(f"{output_dir} appeared while writing it")
-            try:
+    with _sigterm_raises():
+        try:
+            yield tmp
+            if output_dir.exists() and overwrite:
+                old = _temporary_name(output_dir, "old")
+                os.rename(output_dir, old)
                 os.rename(tmp, output_dir)
-            except OSError as e:
-                raise FileExistsError(f"{output_dir} appeared while writing it: {e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.rmtree(old)
+            else:
+                # rename onto an empty folder succeeds on POSIX, so look first.
+                if output_dir.exists():
+                    raise FileExistsError(f"{output_dir} appeared while writing it")
+                try:
+                    os.rename(tmp, output_dir)
+                except OSError as e:
+                    raise FileExistsError(f"{output_dir} appeared while writing it: {e}") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# `.<output name>.<tmp|old>-<host>-<pid>-<32 hex digits>`: whose it is, readable from the name alone.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{32}$")
+
+
+def _temporary_name(output_dir: Path, kind: str) -> Path:
+    return output_dir.with_name(
+        f".{output_dir.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+    )
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` has certainly ended; False when that cannot be told."""
+    # Another host's processes cannot be seen; os.kill(pid, 0) would terminate the process on Windows.
+    if host != socket.gethostname() or os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's live process
+        return False
+    return False
+
+
+def remove_stale_temporaries(parent: str | os.PathLike) -> list[str]:
+    """Remove the temporary folders that :func:`publishing` left in ``parent`` when its process was killed.
+
+    Only folders of this host whose process has ended are removed (a recycled process id keeps a
+    folder, never the reverse); one line on stderr names them. Returns their names.
+    """
+    parent = Path(parent)
+    stale = []
+    for entry in sorted(os.scandir(parent), key=lambda e: e.name) if parent.is_dir() else ():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.lexists(entry.path):
+                stale.append(entry.name)
+    if stale:
+        print(
+            f"removed {len(stale)} temporary folder(s) left in {parent} by killed prepare runs: {listing(stale)}",
+            file=sys.stderr,
+        )
+    return stale
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises ``SystemExit(128 + SIGTERM)`` in this process, so that cleanup runs.
+
+    A handler installed before runs first and is restored afterwards; an ignored SIGTERM stays
+    ignored. Processes forked inside the block (a writer's pool) get the default action back.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if callable(previous):
+            previous(signum, frame)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
