@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -258,6 +259,19 @@ def test_a_killed_prepare_is_cleaned_up_by_the_next_and_a_terminated_one_by_itse
         in err
     )
     assert sorted(p.name for p in parents["killed"].iterdir()) == sorted(["out", *others])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_processes_forked_while_publishing_get_the_sigterm_handler_from_before(tmp_path):
+    """A pool worker with publishing's Python-level handler could miss pool.terminate()'s SIGTERM and hang."""
+    with publishing(tmp_path / "out"):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_the_data_package_has_no_import_cycle():

@@ -243,33 +243,53 @@ def remove_stale_temporaries(parent: str | os.PathLike) -> list[str]:
     return stale
 
 
+# SIGTERM's handler from before publishing() installed its own; None while that is not installed.
+_sigterm_before: Any = None
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """Within the block SIGTERM raises ``SystemExit(128 + SIGTERM)`` in this process, so that cleanup runs.
 
     A handler installed before runs first and is restored afterwards; an ignored SIGTERM stays
-    ignored. Processes forked inside the block (a writer's pool) get the default action back.
+    ignored. Processes forked inside the block (a writer's pool) get the handler from before.
     """
+    global _sigterm_before
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+    nested = _sigterm_before is not None
+    if (
+        nested
+        or threading.current_thread() is not threading.main_thread()
+        or previous in (signal.SIG_IGN, None)
+    ):
         yield
         return
-    owner = os.getpid()
 
     def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         if callable(previous):
             previous(signum, frame)
         raise SystemExit(128 + signum)
 
+    _sigterm_before = previous
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _sigterm_before = None
+
+
+def _restore_sigterm_in_child() -> None:
+    # A Python-level handler misses a signal that comes just before a blocking call starts (it only
+    # sets a flag): a pool worker waiting on its queue would then never die of pool.terminate().
+    global _sigterm_before
+    if _sigterm_before is not None:
+        signal.signal(signal.SIGTERM, _sigterm_before)
+        _sigterm_before = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restore_sigterm_in_child)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
