@@ -22,7 +22,9 @@ single rank, train also reads every sample exactly once.
 
 Unreadable images: at read time an image that does not decode is an error naming the file (or
 shard and key); nothing is skipped silently. ``prepare_images`` is where bad files are dropped
-(with a warning, and listed in index.json) before training.
+(with a warning, and listed in index.json) before training. A shard whose bytes do not have the
+sha256 its index lists is an error naming the shard, raised the first time each dataloader worker
+opens it (see :func:`~lit_matmamba.data.shards.open_checked`).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from lit_matmamba.data.fashion_mnist import ensure_fashion_mnist
 from lit_matmamba.data.prepare_images import (
     DEFAULT_SPLITS,
     UnreadableImageError,
+    has_checksums,
     iter_shard,
     load_index,
     open_rgb,
     scan_image_folder,
+    shard_checksums,
 )
 from lit_matmamba.data.shards import (
     INDEX_NAME,
@@ -58,6 +62,7 @@ from lit_matmamba.data.shards import (
     is_url,
     locate,
     rank_and_world_size,
+    warn_unverifiable,
 )
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers. Ours is
@@ -206,7 +211,8 @@ class ShardedImageDataset(IterableDataset):
 
     The epoch comes from ``set_position`` (shared memory, so persistent workers see it too). With
     ``with_ids`` each sample is ``(image, class, id)``, the id its position in the stored order
-    (shards in index order), whatever order it is read in.
+    (shards in index order), whatever order it is read in. With ``checksums`` (the sha256 of each
+    shard, from the index) each worker checks each shard the first time it opens it.
     """
 
     def __init__(
@@ -223,11 +229,15 @@ class ShardedImageDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         with_ids: bool = False,
+        checksums: Sequence[str | None] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.urls = list(urls)
         self.counts = list(counts)
+        self.checksums = list(checksums) if checksums is not None else [None] * len(self.urls)
+        # Shards this process has checked; each worker has its own copy.
+        self._verified: set[str] = set()
         self.with_ids = with_ids
         # The stored position of each shard's first sample.
         self.first_ids = [0, *itertools.accumulate(self.counts)][:-1]
@@ -297,7 +307,8 @@ class ShardedImageDataset(IterableDataset):
             url, count = self.urls[shard], self.counts[shard]
             if offset < end and begin < offset + count:
                 skip, take = max(begin - offset, 0), min(end - offset, count)
-                for i, (key, data, cls) in enumerate(iter_shard(url, count, self.num_classes)):
+                samples = iter_shard(url, count, self.num_classes, self.checksums[shard], self._verified)
+                for i, (key, data, cls) in enumerate(samples):
                     # Whoever reads a shard's last sample reads on to its end, so that iter_shard
                     # checks the shard's size against the index.
                     if i >= take and take < count:
@@ -412,7 +423,7 @@ class ImageDataModule(L.LightningDataModule):
             img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std
         )
         self._where: str | None = None
-        # Per split: ("shards", urls, counts) or ("folder", [(path, class index)]).
+        # Per split: ("shards", urls, counts, sha256s) or ("folder", [(path, class index)]).
         self._splits: dict[str, tuple] = {}
 
     def prepare_data(self) -> None:
@@ -434,12 +445,14 @@ class ImageDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"data_dir {data_dir} does not exist")
         if local is None or local.suffix == ".json" or (local / INDEX_NAME).is_file():
             index, self._where = load_index(data_dir)
+            if not has_checksums(index):
+                warn_unverifiable(self._where, "python main.py prepare images pack")
             class_names = index["class_names"]
             shard_path = locate(data_dir)
             for split, entry in index["splits"].items():
                 urls = [shard_path(shard) for shard in entry["shards"]]
                 check_shards_exist(urls, f"split {split!r} of {self._where}")
-                self._splits[split] = ("shards", urls, entry["counts"])
+                self._splits[split] = ("shards", urls, entry["counts"], shard_checksums(index, split))
         elif any((local / split).is_dir() for split in DEFAULT_SPLITS):
             self._where = str(local)
             class_names, samples = scan_image_folder(local)
@@ -520,7 +533,7 @@ class ImageDataModule(L.LightningDataModule):
         kind, *source = self._split(split)
         transform = self._train_transform if train else self._eval_transform
         if kind == "shards":
-            urls, counts = source
+            urls, counts, checksums = source
             dataset = ShardedImageDataset(
                 urls,
                 counts,
@@ -533,6 +546,7 @@ class ImageDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
                 with_ids=with_ids,
+                checksums=checksums,
             )
             return EpochLoader(dataset, self._trainer_position, **loader_args)
         dataset = ImageFolderDataset(source[0], transform, with_ids=with_ids)
