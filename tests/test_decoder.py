@@ -137,29 +137,40 @@ GPU_IDS = ["full", "w128", "w64", "w32", "mixnmatch"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("width", GPU_WIDTHS, ids=GPU_IDS)
 def test_graphed_decoding_equals_eager_token_for_token(width, dtype):
-    """Every bucket of a graphed decoder against an eager decoder of the same state dtype, greedy,
-    40 steps from prompts of different lengths: the same tokens and logits (the same kernels on the
-    same shapes; a tolerance only for a GEMM that might choose another algorithm inside a capture)."""
+    """Every bucket of a graphed decoder against an eager decoder with the same state dtype: the
+    eager one decodes greedily for 40 steps from prompts of different lengths, the graphed one is
+    fed the same tokens; their logits agree at every step, and so do their choices (the same
+    kernels on the same shapes; the tolerance is there only for a GEMM that might pick another
+    algorithm inside a capture, and then a choice may differ only between near-equal logits)."""
     model = gpu_model(dtype)
-    ssm_dtype = dtype if dtype == torch.bfloat16 else torch.float32
+    ssm_dtype = dtype if dtype == torch.bfloat16 else None
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
     graphed = GraphedDecoder(model, width, 8, ssm_dtype=ssm_dtype)
     eager = GraphedDecoder(model, width, 8, ssm_dtype=ssm_dtype, cuda_graphs=False)
     assert graphed.cuda_graphs and graphed.buckets == [1, 2, 4, 8]
+
+    def decode(decoder, prompts, forced=None):
+        cache = model.allocate_cache(len(prompts), width)
+        logits = model.prefill(prompts, cache)
+        decoder.load(cache)
+        steps = []
+        for t in range(40):
+            logits = logits[:, :1000].float()
+            token = logits.argmax(-1) if forced is None else forced[t][0]
+            steps.append((token, logits))
+            logits = decoder.step(token).clone()
+        return steps
+
     for n in graphed.buckets:
         prompts = [torch.randint(0, 1000, (5 + 3 * i,), device="cuda") for i in range(n)]
-        tokens = {}
-        for dec in (graphed, eager):
-            cache = model.allocate_cache(n, width)
-            logits = model.prefill(prompts, cache)
-            dec.load(cache)
-            seq = []
-            for _ in range(40):
-                token = logits[:, :1000].argmax(-1)
-                seq.append(token)
-                logits = dec.step(token).clone()
-            tokens[dec is graphed] = (torch.stack(seq, 1), logits)
-        assert torch.equal(tokens[True][0], tokens[False][0]), n
-        torch.testing.assert_close(tokens[True][1], tokens[False][1], rtol=1e-5, atol=1e-5 * 50)
+        reference = decode(eager, prompts)
+        for (token, expected), (_, got) in zip(reference, decode(graphed, prompts, forced=reference)):
+            torch.testing.assert_close(
+                got, expected, rtol=tol, atol=tol, msg=lambda m, n=n: f"bucket {n}: {m}"
+            )
+            choice = got.argmax(-1)
+            gap = expected.gather(1, token[:, None]) - expected.gather(1, choice[:, None])  # (n, 1)
+            assert bool((gap[choice != token] <= tol).all()), n
 
 
 @on_gpu
