@@ -312,8 +312,28 @@ def test_load_test_command(server, tmp_path, capsys):
     from lit_matmamba.serve.load_test import main
 
     out = tmp_path / "load.json"
-    args = ["--clients", "3", "--duration", "3", "--max_tokens", "4", "--malformed_every", "3"]
+    args = ["--clients", "3", "--duration", "3", "--max_tokens", "4", "--malformed_interval", "0.5"]
     main(["--url", server, *args, "--out", str(out)])
     summary = json.loads(out.read_text())
     assert summary["failed"] == 0 and summary["requests"] > 3
     assert {"D", "D/2", "D/4", "D/8"} <= set(summary["rows"]) and "p99" in capsys.readouterr().out
+    assert sum(r["requests"] for k, r in summary["rows"].items() if k.startswith("malformed")) >= 4
+
+
+def test_serve_explains_itself(capsys):
+    from lit_matmamba.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert all(
+        f in out
+        for f in ["--ckpt_path", "--model", "--widths", "--port", "--max_batch_size", "latency_ms_per_token"]
+    )
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "    serve  " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--model", "/nonexistent/model"])
+    assert "not found" in str(done.value.code)

@@ -5,10 +5,12 @@ requests among them; latency percentiles and throughput per width, and every fai
     python -m lit_matmamba.serve.load_test --model exports/lm --clients 8 --duration 60  # starts the server
 
 Client i sends its requests one after another, each at the next width of `--widths` (starting at
-the i-th), every other one streamed; every `--malformed_every`-th request is malformed instead
-(in turn: a width the model cannot run, more tokens than the server allows, an empty prompt,
-invalid JSON) and must get a 4xx. A failure is a valid request that does not complete with 200,
-or a malformed one answered otherwise; the command exits with status 1 if there was any.
+the i-th), every other one streamed. Beside them, one more client sends a malformed request every
+`--malformed_interval` seconds (in turn: a width the model cannot run, more tokens than the
+server allows, an empty prompt, invalid JSON), each of which must get a 4xx. A failure is a valid
+request that does not complete with 200, or a malformed one answered otherwise; the command exits
+with status 1 if there was any. Requests under way at the end of `--duration` finish; throughput
+is counted over the whole time.
 """
 
 from __future__ import annotations
@@ -99,21 +101,13 @@ def client(
     prompts: list[str],
     deadline: float,
     max_tokens: int,
-    malformed_every: int,
     timeout: float,
     results: list[Result],
 ) -> None:
-    kinds = list(MALFORMED)
+    """Client i: one valid request after another until the deadline."""
     n = 0
     while time.perf_counter() < deadline:
         n += 1
-        if malformed_every and n % malformed_every == 0:
-            what = kinds[(i + n // malformed_every) % len(kinds)]
-            start = time.perf_counter()
-            status, _, _, error = post(url, MALFORMED[what](), False, timeout)
-            ok = 400 <= status < 500
-            results.append(Result(f"malformed: {what}", ok, status, time.perf_counter() - start, error=error))
-            continue
         width = widths[(i + n) % len(widths)]
         stream = n % 2 == 0
         body = {
@@ -126,17 +120,24 @@ def client(
             body.update(stream=True, stream_options={"include_usage": True})
         start = time.perf_counter()
         status, first, tokens, error = post(url, json.dumps(body), stream, timeout)
-        results.append(
-            Result(
-                str(width),
-                status == 200 and not error,
-                status,
-                time.perf_counter() - start,
-                first,
-                tokens,
-                error,
-            )
-        )
+        seconds = time.perf_counter() - start
+        results.append(Result(str(width), status == 200 and not error, status, seconds, first, tokens, error))
+
+
+def malformed_client(
+    url: str, deadline: float, interval: float, timeout: float, results: list[Result]
+) -> None:
+    """A malformed request every `interval` seconds, the kinds in turn; each must get a 4xx."""
+    kinds = list(MALFORMED)
+    n = 0
+    while time.perf_counter() < deadline:
+        what = kinds[n % len(kinds)]
+        n += 1
+        start = time.perf_counter()
+        status, _, _, error = post(url, MALFORMED[what](), False, timeout)
+        seconds = time.perf_counter() - start
+        results.append(Result(f"malformed: {what}", 400 <= status < 500, status, seconds, error=error))
+        time.sleep(max(0.0, interval - seconds))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -247,7 +248,7 @@ def load_test(
     widths: list[str] | None = None,
     prompts: list[str] | None = None,
     max_tokens: int = 32,
-    malformed_every: int = 10,
+    malformed_interval: float = 1.0,
     timeout: float = 120.0,
     out: str | None = None,
 ) -> dict[str, Any]:
@@ -264,7 +265,7 @@ def load_test(
         widths: the widths requested, in turn ("D", "D/2", an int, ...; default D, D/2, D/4, D/8).
         prompts: the prompts sent, in turn (default: a few lines of Shakespeare).
         max_tokens: new tokens per request (sampled at temperature 0.8, so mostly all of them).
-        malformed_every: every n-th request of a client is malformed (0: none).
+        malformed_interval: seconds between malformed requests (0: none).
         timeout: seconds a request may take.
         out: a JSON file for the results.
     """
@@ -287,11 +288,13 @@ def load_test(
         start = time.perf_counter()
         threads = [
             threading.Thread(
-                target=client,
-                args=(i, url, widths, prompts, deadline, max_tokens, malformed_every, timeout, results),
+                target=client, args=(i, url, widths, prompts, deadline, max_tokens, timeout, results)
             )
             for i in range(clients)
         ]
+        if malformed_interval:
+            args = (url, deadline, malformed_interval, timeout, results)
+            threads.append(threading.Thread(target=malformed_client, args=args))
         for t in threads:
             t.start()
         for t in threads:
