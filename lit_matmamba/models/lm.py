@@ -205,7 +205,8 @@ class MatMambaLM(NestedModel):
                 f"the decoder runs widths {decoder.widths} for up to {decoder.batch_size} rows, not "
                 f"{self.config.resolve(width)} for {len(prompts)}"
             )
-        cache = self.allocate_cache(len(prompts), width, device=device)
+        ssm_dtype = decoder.cache.states[0].ssm.dtype
+        cache = self.allocate_cache(len(prompts), width, device=device, ssm_dtype=ssm_dtype)
         logits = self.prefill(prompts, cache)  # (B, V)
         decoder.load(cache)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
