@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lit_matmamba.data.prepare",
         "Turn raw text or image folders into the shards the data modules read.",
     ),
-    "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
+    "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, decode, memory, profile, kernels, tune."),
     "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
     "export": (
         "lit_matmamba.deploy.export",
@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "embed": ("lit_matmamba.embed", "Write a split's features (images: pooled; text: mean) at any width."),
     "retrieval": ("lit_matmamba.retrieval", "Nearest-neighbour top-1 and mAP@10, query x database width."),
+    "serve": ("lit_matmamba.serve", "Serve every width of a language model over OpenAI's completions API."),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).

@@ -133,10 +133,14 @@ class NestedModel(nn.Module):
         width: Width = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
+        """Zero states for `batch_size` rows at `width`: conv states in `dtype` (default: the
+        weights'), SSM states in `ssm_dtype` (default: float32, or float64 for a float64 model;
+        stock mamba-ssm keeps them in the weights' dtype)."""
         widths = self.config.resolve(width)
         states = [
-            layer.mixer.allocate_state(batch_size, w, dtype, device)
+            layer.mixer.allocate_state(batch_size, w, dtype, device, ssm_dtype)
             for layer, w in zip(self.backbone.layers, widths)
         ]
         return InferenceCache(widths, states)

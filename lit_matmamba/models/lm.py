@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from lit_matmamba.kernels import cross_entropy
 from .backbone import InferenceCache, MatMambaStack, NestedModel
 from .config import MatMambaConfig, Width
 from .nested_linear import direct_grads_apply, nested_linear
+
+if TYPE_CHECKING:
+    from lit_matmamba.graphs import GraphedDecoder
 
 
 class LMBackbone(MatMambaStack):
@@ -139,19 +143,18 @@ class MatMambaLM(NestedModel):
         for length in sorted(set(lengths)):
             rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device)
             sub = self.allocate_cache(len(rows), cache.widths, dtype=dtype, device=device)
-            logits = self(torch.stack([prompts[i] for i in rows.tolist()]), cache.widths, sub)[
-                :, -1
-            ]  # (b, V)
-            groups.append((rows, sub, logits))
+            h = self.forward_features(torch.stack([prompts[i] for i in rows.tolist()]), cache.widths, sub)
+            groups.append((rows, sub, self._logits(h[:, -1])))  # the head on the last token only: (b, V)
         last = groups[0][2].new_empty(len(prompts), groups[0][2].shape[-1])  # (B, V)
         for rows, _, logits in groups:
             last[rows] = logits
         for i, state in enumerate(cache.states):
             for name in ("conv", "ssm"):
                 first = getattr(groups[0][1].states[i], name)
-                full = first.new_empty(len(prompts), *first.shape[1:])
+                # In the cache's own dtypes (an SSM state allocated in bf16 stays bf16).
+                full = first.new_empty(len(prompts), *first.shape[1:], dtype=getattr(state, name).dtype)
                 for rows, sub, _ in groups:
-                    full[rows] = getattr(sub.states[i], name)
+                    full[rows] = getattr(sub.states[i], name).to(full.dtype)
                 setattr(state, name, full)
         cache.seqlen_offset = max(lengths)
         return last
@@ -167,6 +170,8 @@ class MatMambaLM(NestedModel):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         eos_token_id: int | None = None,
+        cuda_graphs: bool | None = None,
+        decoder: GraphedDecoder | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Prefill the prompts, then sample up to `max_new_tokens` each at `width` (see `sample`
         for temperature, top_k, top_p; greedy when temperature is 0), with the recurrent state sized
@@ -177,7 +182,14 @@ class MatMambaLM(NestedModel):
         samples `eos_token_id`. Returns (B, L + max_new_tokens) for a tensor, rows that stopped
         early padded with `eos_token_id`; for a list, a list of 1-D tensors, each its prompt and its
         new tokens up to and including the EOS.
+
+        The steps run on a `lit_matmamba.graphs.GraphedDecoder`: `decoder` if given (built once for
+        this width and up to its batch size, as a server or a benchmark keeps it), else one made for
+        this call, with CUDA graphs when `cuda_graphs` (default: on a CUDA device). Graphed and
+        eager steps compute the same (tested on the GPU token for token).
         """
+        from lit_matmamba.graphs import GraphedDecoder
+
         as_tensor = isinstance(input_ids, torch.Tensor)
         if as_tensor and input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -185,8 +197,18 @@ class MatMambaLM(NestedModel):
         prompts = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in input_ids]
         if not prompts:
             raise ValueError("no prompts to continue")
-        cache = self.allocate_cache(len(prompts), width, device=device)
+        if decoder is None:
+            n = len(prompts)
+            decoder = GraphedDecoder(self, width, n, cuda_graphs=cuda_graphs, buckets=[n])
+        elif decoder.widths != self.config.resolve(width) or decoder.batch_size < len(prompts):
+            raise ValueError(
+                f"the decoder runs widths {decoder.widths} for up to {decoder.batch_size} rows, not "
+                f"{self.config.resolve(width)} for {len(prompts)}"
+            )
+        ssm_dtype = decoder.cache.states[0].ssm.dtype
+        cache = self.allocate_cache(len(prompts), width, device=device, ssm_dtype=ssm_dtype)
         logits = self.prefill(prompts, cache)  # (B, V)
+        decoder.load(cache)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         new: list[torch.Tensor] = []
         for i in range(max_new_tokens):
@@ -195,9 +217,10 @@ class MatMambaLM(NestedModel):
                 token = token.masked_fill(done, eos_token_id)
                 done = done | (token == eos_token_id)
             new.append(token)
-            if i + 1 == max_new_tokens or bool(done.all()):
+            # Asking whether every row is done waits for the GPU: only when there is an EOS to see.
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self.step(token, cache)
+            logits = decoder.step(token)  # (B, V), the decoder's buffer: read before the next step
         tokens = torch.stack(new, 1) if new else prompts[0].new_empty(len(prompts), 0)  # (B, N)
         if as_tensor:
             if tokens.shape[1] < max_new_tokens:  # every row stopped: pad with EOS to the stated shape
