@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,8 @@ from PIL import Image
 from lit_matmamba.data import shards
 from lit_matmamba.data.prepare import main
 from lit_matmamba.data.prepare_images import load_index
-from lit_matmamba.data.shards import default_data_dir, locate, publishing
+from lit_matmamba.data.prepare_text import prepare_text
+from lit_matmamba.data.shards import default_data_dir, locate, publishing, remove_stale_temporaries
 from lit_matmamba.data.text import TextDataModule, read_index
 from lit_matmamba.data.tokenizer import train_bpe_tokenizer
 from lit_matmamba.data.vision import ImageDataModule
@@ -190,6 +196,82 @@ def test_publishing_is_atomic_and_detects_a_concurrent_writer(tmp_path):
     with publishing(out, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# A `prepare text` that stops after writing some sequences, until it is killed.
+STALLING_PREPARE = """
+import itertools, sys, time
+from lit_matmamba.data import prepare_text as module
+
+write, calls = module._SplitWriter._write, itertools.count()
+
+def write_then_stall(self, sequence):
+    write(self, sequence)
+    if next(calls) == 20:
+        print("writing", flush=True)
+        time.sleep(300)
+
+module._SplitWriter._write = write_then_stall
+module.prepare_text(sys.argv[1], sys.argv[2], train=sys.argv[3], seq_len=8, sequences_per_shard=8, progress=False)
+"""
+
+
+def test_a_killed_prepare_is_cleaned_up_by_the_next_and_a_terminated_one_by_itself(tmp_path, capsys):
+    train = text_files(tmp_path / "train", 3)
+    tokenizer = tmp_path / "tokenizer.json"
+    train_bpe_tokenizer([p.read_text() for p in sorted(train.iterdir())], vocab_size=280).save(str(tokenizer))
+    parents = {"killed": tmp_path / "killed", "terminated": tmp_path / "terminated"}
+    writers = {
+        how: subprocess.Popen(
+            [sys.executable, "-c", STALLING_PREPARE, str(parent / "out"), str(tokenizer), str(train)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for how, parent in parents.items()
+    }
+    try:
+        for writer in writers.values():
+            assert writer.stdout.readline() == "writing\n"
+        (stale,) = parents["killed"].iterdir()
+        assert stale.name.startswith(".out.tmp-") and list(stale.glob("train-*.tar"))
+        # Folders whose writer is alive, or cannot be seen from here, or of an older version stay.
+        others = [f".out.tmp-elsewhere-1-{uuid.uuid4().hex}", f".out.tmp-{uuid.uuid4().hex}"]
+        for name in others:
+            (parents["killed"] / name).mkdir()
+        assert remove_stale_temporaries(parents["killed"]) == []
+
+        writers["terminated"].terminate()
+        assert writers["terminated"].wait(timeout=60) == 128 + signal.SIGTERM
+        assert list(parents["terminated"].iterdir()) == []
+
+        writers["killed"].kill()
+        writers["killed"].wait(timeout=60)
+        assert stale.is_dir()
+    finally:
+        for writer in writers.values():
+            writer.kill()
+            writer.wait()
+    capsys.readouterr()
+    prepare_text(parents["killed"] / "out", tokenizer, train=str(train), seq_len=8, progress=False)
+    err = capsys.readouterr().err
+    assert (
+        f"removed 1 temporary folder(s) left in {parents['killed']} by killed prepare runs: {stale.name}"
+        in err
+    )
+    assert sorted(p.name for p in parents["killed"].iterdir()) == sorted(["out", *others])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_processes_forked_while_publishing_get_the_sigterm_handler_from_before(tmp_path):
+    """A pool worker with publishing's Python-level handler could miss pool.terminate()'s SIGTERM and hang."""
+    with publishing(tmp_path / "out"):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_the_data_package_has_no_import_cycle():

@@ -779,3 +779,100 @@ def causal_conv1d_triton(
             f"initial_state must be ({bsz}, {channels}, {k - 1}), got {tuple(initial_state.shape)}"
         )
     return _CausalConv1dFn.apply(x, weight, bias, initial_state, activation)
+
+
+# One decoding step ---------------------------------------------------------------------------
+# A step touches B x C channels once each, so it is a single pass over x and the state; what it
+# saves over the reference's cat / multiply / sum / bias / SiLU / slice is launches (five kernels
+# and a new state tensor a layer, for a decoding step that is launch-bound at small widths).
+_STEP_BLOCK_C = 256
+_STEP_WARPS = 4
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    channels,
+    stride_xb,
+    stride_xc,
+    stride_sb,
+    stride_sc,
+    stride_sk,
+    stride_wc,
+    stride_wk,
+    stride_bias,
+    stride_yb,
+    stride_yc,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = c < channels
+    x = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=mask, other=0.0)
+    w_last = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    # The state is read as x's dtype, as the reference concatenates it with x.
+    acc = w_last * x.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c * stride_bias, mask=mask, other=0.0).to(tl.float32)
+    state_row = state_ptr + b * stride_sb + c * stride_sc
+    for k in tl.static_range(K - 1):
+        s = tl.load(state_row + k * stride_sk, mask=mask, other=0.0)
+        w = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        acc += w * s.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if k > 0:  # shift the window left by one: column k moves to k-1 (already read)
+            tl.store(state_row + (k - 1) * stride_sk, s, mask=mask)
+    tl.store(state_row + (K - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=mask)
+    if ACTIVATION:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * stride_yb + c * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def causal_conv1d_step_triton(
+    x: torch.Tensor,
+    state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `causal_conv1d_step_ref` that updates `state` in place: x (B, C), state (B, C, K-1)
+    -> y (B, C) in x's dtype, and `state` itself, now holding the last K-1 inputs (in its own
+    dtype). Any strides; accumulates in float32; K in 2..4. No autograd (decoding only)."""
+    bsz, channels = x.shape
+    k = weight.shape[-1]
+    if weight.shape != (channels, k) or not _MIN_K <= k <= _MAX_K:
+        raise ValueError(
+            f"weight must be (C={channels}, K) with K in {_MIN_K}..{_MAX_K}, got {tuple(weight.shape)}"
+        )
+    if state.shape != (bsz, channels, k - 1):
+        raise ValueError(f"state must be ({bsz}, {channels}, {k - 1}), got {tuple(state.shape)}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"bias must be ({channels},), got {tuple(bias.shape)}")
+    y = backend.empty_output((bsz, channels), x, x.dtype)  # (B, C)
+    block_c = min(_STEP_BLOCK_C, triton.next_power_of_2(channels))
+    grid = (bsz, triton.cdiv(channels, block_c))
+    _conv_step_kernel[grid](
+        x,
+        state,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        channels,
+        *x.stride(),
+        *state.stride(),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        K=k,
+        BLOCK_C=block_c,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation,
+        num_warps=_STEP_WARPS,
+    )
+    return y, state

@@ -27,6 +27,7 @@ with a small shuffle buffer then gives well-mixed batches.
           "num_samples": 1281167,
           "shards": ["train-00000.tar", ...],     # relative to the index's location
           "counts": [1000, ...],                  # samples per shard, same order
+          "sha256": ["9f86d0...", ...],           # of each shard file, same order
           "class_counts": [1300, ...],            # samples per class, class-index order
           "skipped": ["train/n0.../x.JPEG", ...]  # unreadable inputs left out (see below)
         },
@@ -40,8 +41,14 @@ error instead. Leaving a sample out removes its image and its label together, so
 gets another one's label. Readers (``iter_shard``, the DataModule) treat an undecodable image or
 a shard that disagrees with the index as an error naming the shard.
 
+Damaged shards: each shard is checked against its ``sha256`` the first time a reader (each data
+loader worker, ``verify``) opens it, with an error naming the shard (see
+:func:`~lit_matmamba.data.shards.open_checked`). An index without ``sha256`` (written by an older
+lit-matmamba) is still read, with a warning that its shards cannot be checked.
+
 Writing is atomic: everything goes into a temporary folder next to ``output_dir``, renamed into
-place at the end, so an interrupted run leaves nothing behind. Re-running on the same tree gives
+place at the end, so an interrupted or terminated run leaves nothing behind, and the next run
+removes what a killed one left (see :func:`~lit_matmamba.data.shards.publishing`). Re-running on the same tree gives
 byte-identical files (sorted inputs, seeded shuffle, fixed tar metadata).
 """
 
@@ -62,18 +69,21 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from lit_matmamba.data.shards import (
     INDEX_NAME,
+    ShardError,
     add_member,
+    file_sha256,
     listing,
     locate,
+    open_checked,
     open_shard,
     publishing,
     read_index,
     shard_name,
+    warn_unverifiable,
 )
 
 INDEX_FORMAT = "lit-matmamba-image-shards"
@@ -87,10 +97,6 @@ _SHARD_IMAGE_EXTS = frozenset(s.lstrip(".") for s in IMAGE_SUFFIXES) | {"img"}
 
 class UnreadableImageError(ValueError):
     """An image that cannot be decoded; the message names it."""
-
-
-class ShardError(ValueError):
-    """Shards that disagree with their index.json, or cannot be read; the message names the shard."""
 
 
 # --------------------------------------------------------------------------- decoding
@@ -277,6 +283,7 @@ def _write_split(
 ) -> dict:
     shards: list[str] = []
     counts: list[int] = []
+    checksums: list[str] = []
     class_counts = [0] * num_classes
     skipped: list[str] = []
 
@@ -299,6 +306,7 @@ def _write_split(
                 add_member(tar, f"{key}.cls", str(cls).encode())
                 class_counts[cls] += 1
         counts.append(len(chunk))
+        checksums.append(file_sha256(tmp / shards[-1]))
     if skipped:
         warnings.warn(
             f"split {split!r}: skipped {len(skipped)} unreadable image(s): {listing(skipped)}", stacklevel=3
@@ -309,6 +317,7 @@ def _write_split(
         "num_samples": sum(counts),
         "shards": shards,
         "counts": counts,
+        "sha256": checksums,
         "class_counts": class_counts,
         "skipped": skipped,
     }
@@ -393,6 +402,8 @@ def load_index(location: str | os.PathLike) -> tuple[dict, str]:
             problems = []
             if len(entry["shards"]) != len(entry["counts"]):
                 problems.append(f"{len(entry['shards'])} shards but {len(entry['counts'])} counts")
+            if "sha256" in entry and len(entry["sha256"]) != len(entry["shards"]):
+                problems.append(f"{len(entry['shards'])} shards but {len(entry['sha256'])} sha256")
             if len(entry["class_counts"]) != num_classes:
                 problems.append(f"{len(entry['class_counts'])} class counts for {num_classes} classes")
             if not sum(entry["counts"]) == sum(entry["class_counts"]) == entry["num_samples"]:
@@ -407,16 +418,35 @@ def load_index(location: str | os.PathLike) -> tuple[dict, str]:
     return index, where
 
 
-def iter_shard(url: str, expected: int, num_classes: int) -> Iterator[tuple[str, bytes, int]]:
+def shard_checksums(index: dict, split: str) -> list[str | None]:
+    """The sha256 of each shard of ``split`` (None for each in an index written without them)."""
+    entry = index["splits"][split]
+    return entry.get("sha256") or [None] * len(entry["shards"])
+
+
+def has_checksums(index: dict) -> bool:
+    """Whether the index lists the sha256 of every shard (indexes of older versions do not)."""
+    return all("sha256" in entry for entry in index["splits"].values())
+
+
+def iter_shard(
+    url: str,
+    expected: int,
+    num_classes: int,
+    sha256: str | None = None,
+    verified: set[str] | None = None,
+) -> Iterator[tuple[str, bytes, int]]:
     """Yields ``(key, encoded image, class index)`` for each sample of one shard, in order.
 
-    Raises ``ShardError`` naming the shard when it cannot be opened, a sample lacks its image or
-    class, a class index is out of range, or (when read to the end) the shard does not hold the
-    ``expected`` number of samples.
+    Raises ``ShardError`` naming the shard when it cannot be opened, its bytes do not have the
+    ``sha256`` of the index (checked unless ``url`` is in ``verified``, see
+    :func:`~lit_matmamba.data.shards.open_checked`), a sample lacks its image or class, a class
+    index is out of range, or (when read to the end) the shard does not hold the ``expected``
+    number of samples.
     """
     count = 0
     try:
-        with gopen(url, "rb") as stream:
+        with open_checked(url, sha256, set() if verified is None else verified) as stream:
             key, parts = None, {}
             for member in tar_file_iterator(stream):
                 member_key, suffix = base_plus_ext(member["fname"])
@@ -429,6 +459,7 @@ def iter_shard(url: str, expected: int, num_classes: int) -> Iterator[tuple[str,
             if key is not None:
                 yield _sample(url, key, parts, num_classes)
                 count += 1
+            stream.finish()
     except (tarfile.TarError, OSError) as exn:
         raise ShardError(f"{url}: cannot read shard ({exn})") from exn
     if count != expected:
@@ -453,8 +484,8 @@ def verify_shards(
 ) -> dict:
     """Read every shard of a shard folder back and check it against its index.json.
 
-    Checks per-shard counts, per-class counts, class range and key uniqueness, and with
-    ``decode`` that every image decodes. Raises ``ShardError`` listing the problems; returns the index.
+    Checks each shard's sha256, per-shard counts, per-class counts, class range and key
+    uniqueness, and with ``decode`` that every image decodes. Raises ``ShardError`` listing the problems; returns the index.
 
     Args:
         location: Shard folder, its index.json, or a URL to either (see ``data_dir`` of ImageDataModule).
@@ -462,6 +493,8 @@ def verify_shards(
         decode: Also decode every image.
     """
     index, where = load_index(location)
+    if not has_checksums(index):
+        warn_unverifiable(where, "python main.py prepare images pack")
     shard_path = locate(location)
     num_classes = len(index["class_names"])
     problems = []
@@ -471,10 +504,10 @@ def verify_shards(
         entry = index["splits"][split]
         class_counts = [0] * num_classes
         keys: set[str] = set()
-        for shard, expected in zip(entry["shards"], entry["counts"]):
+        for shard, expected, sha256 in zip(entry["shards"], entry["counts"], shard_checksums(index, split)):
             url = shard_path(shard)
             try:
-                for key, data, cls in iter_shard(url, expected, num_classes):
+                for key, data, cls in iter_shard(url, expected, num_classes, sha256):
                     if key in keys:
                         problems.append(f"{url}: duplicate key {key!r}")
                     keys.add(key)

@@ -24,6 +24,11 @@ How an epoch is split, with no sequence repeated or left out:
 
 The plan depends only on the index, ``seq_len``, ``batch_size``, the number of ranks and workers, the seed
 and the epoch, so it is reproducible, and a resumed epoch can skip exactly what was consumed.
+
+Damaged data is an error naming the shard, never trained on silently: each worker checks a shard against
+the sha256 in index.json the first time it opens it in an epoch (a local shard before any of it is used;
+see :func:`~lit_matmamba.data.shards.open_checked`), and every decoded sequence must hold token ids below
+the index's ``vocab_size``, the bound :meth:`TextDataModule.check_vocab` compares with the model's at setup.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
 from lit_matmamba.data.corpus import CORPUS_NAME, ensure_default_corpus
 from lit_matmamba.data.prepare_text import FORMAT_NAME, FORMAT_VERSION, iter_documents, prepare_text
@@ -54,7 +58,9 @@ from lit_matmamba.data.shards import (
     default_data_dir,
     index_location,
     locate,
+    open_checked,
     rank_and_world_size,
+    warn_unverifiable,
 )
 from lit_matmamba.data.shards import read_index as read_shard_index
 from lit_matmamba.data.tokenizer import ensure_bpe_tokenizer
@@ -66,15 +72,21 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 Segment = tuple[int, int, int]
 
 
+MADE_BY = "python main.py prepare text"
+
+
 def read_index(data_dir: str) -> dict[str, Any]:
-    """Read and check the ``index.json`` of a prepared dataset (see :func:`~lit_matmamba.data.shards.locate`)."""
-    index, where = read_shard_index(
-        data_dir, FORMAT_NAME, FORMAT_VERSION, made_by="python main.py prepare text"
-    )
+    """Read and check the ``index.json`` of a prepared dataset (see :func:`~lit_matmamba.data.shards.locate`).
+
+    Warns when the index lists no shard checksums (written by an older lit-matmamba).
+    """
+    index, where = read_shard_index(data_dir, FORMAT_NAME, FORMAT_VERSION, made_by=MADE_BY)
     try:
         _check_index(index, where)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: missing or malformed entry {e}: re-run prepare") from e
+    if any("sha256" not in shard for entry in index["splits"].values() for shard in entry["shards"]):
+        warn_unverifiable(where, MADE_BY)
     return index
 
 
@@ -185,6 +197,9 @@ class TokenSequenceDataset(IterableDataset):
         stored_len: Tokens per stored sequence.
         seq_len: Tokens per yielded sequence; at most ``stored_len``.
         dtype: Stored dtype, "uint16" or "uint32".
+        vocab_size: Token ids must be below this (the index's); None: not checked.
+        checksums: sha256 of each shard (from index.json), checked the first time each worker opens
+            it; None, or None for a shard: not checked.
         batch_size: Sequences per batch (the last batches of an epoch can be smaller).
         rank: This rank.
         world_size: Number of ranks.
@@ -204,6 +219,8 @@ class TokenSequenceDataset(IterableDataset):
         seq_len: int,
         dtype: str,
         batch_size: int,
+        vocab_size: int | None = None,
+        checksums: Sequence[str | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
@@ -232,6 +249,10 @@ class TokenSequenceDataset(IterableDataset):
             seed,
         )
         self.first_key = list(itertools.accumulate([0] + self.shard_sequences[:-1]))
+        self.vocab_size = vocab_size
+        self.checksums = list(checksums) if checksums is not None else [None] * len(self.shards)
+        # Shards this process has checked; each worker has its own copy.
+        self._verified: set[str] = set()
         self.epoch = self.skip_batches = 0
         self._plan(0)  # raises now if the split cannot be divided evenly
 
@@ -315,7 +336,10 @@ class TokenSequenceDataset(IterableDataset):
         to_end = end == count * k
         seen = 0
         try:
-            with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                open_checked(url, self.checksums[shard], self._verified) as stream,
+                tarfile.open(fileobj=stream, mode="r|") as tar,
+            ):
                 for j, member in enumerate(tar):
                     if j == count:
                         raise ValueError(
@@ -340,6 +364,8 @@ class TokenSequenceDataset(IterableDataset):
                         yield tokens[piece * self.seq_len : (piece + 1) * self.seq_len] if decode else None
                     if j == last and not to_end:
                         return
+                if to_end:
+                    stream.finish()
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"shard {url} of split {self.split!r} (listed in index.json) not found: the dataset is "
@@ -369,6 +395,13 @@ class TokenSequenceDataset(IterableDataset):
             raise ValueError(
                 f"shard {url}: {member.name} holds {tokens.dtype} {tokens.shape}, but index.json says "
                 f"{self.dtype.name} ({self.stored_len},): the shard does not match the index; re-run prepare"
+            )
+        # The model's embedding would fail on it (or, below its padded size, train on it) far from here.
+        if self.vocab_size is not None and (top := int(tokens.max())) >= self.vocab_size:
+            raise ValueError(
+                f"shard {url} of split {self.split!r}: sequence {member.name.split('.')[0]} holds token id {top}, "
+                f"but index.json gives vocab_size {self.vocab_size}: the shard is damaged or was made with "
+                f"another tokenizer; copy it again or re-run prepare"
             )
         return tokens
 
@@ -576,6 +609,8 @@ class TextDataModule(L.LightningDataModule):
             seq_len=self.seq_len,
             dtype=self.index["dtype"],
             batch_size=self.batch_size,
+            vocab_size=self.index["vocab_size"],
+            checksums=[shard.get("sha256") for shard in entry["shards"]],
             rank=default_rank if rank is None else rank,
             world_size=default_world_size if world_size is None else world_size,
             num_workers=self.num_workers,
