@@ -32,7 +32,7 @@ def test_every_task_has_the_papers_arm_standalone_models_and_more():
     assert {"lm", "vision", "lm130m"} <= set(TASKS)
     for task in TASKS:
         names = {p.stem for p in ARMS if study.default_base(p).stem == task}
-        assert {f"{task}_paper", f"{task}_sandwich_kd", f"{task}_all_kd"} <= names
+        assert {f"{task}_paper", f"{task}_sandwich_kd", f"{task}_all_kd", f"{task}_all_mix"} <= names
         assert len([n for n in names if n.startswith(f"{task}_standalone_w")]) == 4
 
 
