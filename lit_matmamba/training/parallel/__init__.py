@@ -1,0 +1,43 @@
+"""Everything distributed in one place: gradient reduction, sharding, checkpoints of sharded models.
+
+- `grads.py`: gradients reduced once per optimizer step (`gradient_sync`), clipped by their global
+  norm across shards (`clip_grad_norm`), and when direct weight gradients must stay off
+  (`is_distributed`).
+- `parallelize.py`: `parallelize(model, device_mesh, ...)`, the one entry point that shards a model
+  (tensor parallelism, activation checkpointing, FSDP2), applied from `configure_model()`.
+- `tensor_parallel.py`: the tensor-parallel mixer and its head placement (every width balanced
+  over the ranks).
+- `layout.py`: checkpoints keep the canonical layout whatever the sharding.
+- `checkpoint.py`: a distributed checkpoint read on one process.
+
+The model (`lit_matmamba.models`) imports nothing from here nor from `torch.distributed`.
+"""
+
+from .checkpoint import load_full_checkpoint
+from .grads import clip_grad_norm, gradient_sync, is_distributed, split_param_groups
+from .parallelize import (
+    broadcast_batch,
+    mesh_dims,
+    model_class,
+    parallelize,
+    register_optimizer,
+    resolve_mesh_sizes,
+)
+from .tensor_parallel import check_tensor_parallel, heads_per_rank, rank_heads
+
+__all__ = [
+    "broadcast_batch",
+    "check_tensor_parallel",
+    "clip_grad_norm",
+    "gradient_sync",
+    "heads_per_rank",
+    "is_distributed",
+    "load_full_checkpoint",
+    "mesh_dims",
+    "model_class",
+    "parallelize",
+    "rank_heads",
+    "register_optimizer",
+    "resolve_mesh_sizes",
+    "split_param_groups",
+]
