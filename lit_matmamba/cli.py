@@ -10,15 +10,23 @@ the module that does the work.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
-from lit_matmamba.training import NestedModule
+from lit_matmamba.models.backbone import NestedModel
+from lit_matmamba.training import NestedModule, parallel
 
 # The commands beside the Trainer's: name -> (module with `main(argv, prog)`, one line of help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,7 +50,33 @@ Every command takes --help.
 
 
 class MatMambaCLI(LightningCLI):
-    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it)."""
+    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it).
+
+    Under ModelParallelStrategy (configs/strategy/), the model is built on the meta device on every
+    rank but 0 (`parallel.parallelize` broadcasts rank 0's weights into every rank's shards), an
+    "auto" size of the strategy's mesh follows from the other one (`parallel.resolve_mesh_sizes`),
+    and a single-file `--ckpt_path` is read through a distributed copy
+    (`parallel.to_distributed_checkpoint`).
+    """
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if not _is_model_parallel(config.get("trainer.strategy")):
+            return
+        if rank_zero_only.rank != 0:
+            self.parser.add_instantiator(_on_meta_device, NestedModel, subclasses=True)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and os.path.isfile(ckpt_path) and rank_zero_only.rank == 0:
+            # ModelParallelStrategy loads a single file one parameter at a time, which sharded
+            # mixers cannot; the distributed copy loads whole (the other ranks read rank 0's path).
+            directory = tempfile.mkdtemp(prefix="lit-matmamba-ckpt-")
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            config["ckpt_path"] = str(parallel.to_distributed_checkpoint(ckpt_path, directory))
+
+    def after_instantiate_classes(self) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            parallel.resolve_mesh_sizes(strategy, self.trainer.num_devices * self.trainer.num_nodes)
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -75,6 +109,25 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         },
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _is_model_parallel(strategy: Any) -> bool:
+    """Whether a parsed `trainer.strategy` (a name, or a class_path with init_args) is a
+    ModelParallelStrategy."""
+    path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if isinstance(strategy, dict) else None
+    )
+    if not path:
+        return False
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+
+
+def _on_meta_device(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """A jsonargparse instantiator: the class built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return class_type(*args, **kwargs)
 
 
 def _prog() -> str:

@@ -350,3 +350,213 @@ def test_fsdp2_and_tp2_equal_the_unsharded_model_and_convert_checkpoints_exactly
 @pytest.mark.slow
 def test_tp4_and_the_2x2_mesh_equal_the_unsharded_model_and_convert_checkpoints_exactly(tmp_path):
     spawn(4, _four_processes, str(tmp_path))
+
+
+# Under Lightning ----------------------------------------------------------------------------------
+@pytest.fixture
+def process_group():
+    """For a test that starts a one-process ModelParallelStrategy here: leave no group behind."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cuda_graphs=True), "cuda_graphs=True cannot be used: .*distributed or sharded"),
+        (dict(direct_weight_grads=True), "direct_weight_grads=True cannot be used with DDP, FSDP or tensor"),
+        (dict(mixed_precision="fp8"), "mixed_precision must be None or one of"),
+    ],
+)
+def test_single_process_features_under_a_sharded_strategy_are_clear_errors(
+    tmp_path, process_group, kwargs, message
+):
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    from lit_matmamba.training import LanguageModeling
+
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(1, 1),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Steps()],
+    )
+    module = LanguageModeling(tiny().float(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, DataLoader(torch.randint(0, VOCAB, (8, 17)), batch_size=4))
+    assert not steps  # before any step ran
+
+
+# The command line, as a user runs it: main.py fit with a strategy config on 2 CPU processes ----------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOP_AT = '''
+import lightning as L
+
+
+class StopAt(L.Callback):
+    """Stops the fit after `step` optimizer steps (an interruption: the configured max_steps and
+    learning-rate schedule stay those of the whole run)."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+'''
+
+
+def _demo_args(logs) -> list[str]:
+    """configs/lm_demo.yaml (every shipped callback on) cut down to 4 steps, validating every 2."""
+    return [
+        "--config",
+        os.path.join(REPO, "configs/lm_demo.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={logs}",
+        "--model.init_args.scheduler.init_args.warmup_steps=1",
+        "--data.init_args.num_workers=0",
+    ]
+
+
+def _main_fit(tmp, name, *args, devices=2, strategy=None) -> str:
+    """Run `main.py fit` in a new process (which starts the others); returns the run directory."""
+    import subprocess
+    import sys
+
+    (tmp / "stop_at.py").write_text(STOP_AT)
+    logs = tmp / name
+    command = [
+        sys.executable,
+        os.path.join(REPO, "main.py"),
+        "fit",
+        *_demo_args(logs),
+        f"--trainer.devices={devices}",
+    ]
+    if strategy:
+        command += ["--config", os.path.join(REPO, f"configs/strategy/{strategy}.yaml")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return str(logs / "lm_demo" / "version_0")
+
+
+def _losses(run: str, tag: str = "train/loss") -> dict[int, float]:
+    from lit_matmamba.plots import read_scalars
+
+    return dict(read_scalars(run)[tag])
+
+
+@pytest.fixture(scope="module")
+def one_process_start():
+    """The demo's model and data as `main.py` builds them with its seed, and the per-width losses of
+    rank 0's first batch (of 2 ranks), computed on one process."""
+    import lightning as L
+
+    from lit_matmamba.cli import MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=_demo_args("unused"),
+        run=False,
+    )
+    batch = next(iter(cli.datamodule.dataloader("train", rank=0, world_size=2)))
+    with torch.no_grad():
+        losses = {w: float(cli.model.model.loss(batch, w)) for w in cli.model.granularities}
+    return cli, losses
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_main_fit_under_fsdp_x_tp_starts_from_the_one_process_loss_and_resumes_exactly(
+    tmp_path, one_process_start
+):
+    """configs/strategy/fsdp_tp.yaml on 2 devices of one node: tensor parallelism over both.
+    Its first loss is the one-process loss; its distributed checkpoint loads on one process
+    (load_model) and gives the logged validation loss again; interrupted and resumed mid-epoch
+    from that checkpoint it takes the same next steps as without the interruption."""
+    from lit_matmamba.training import load_model
+
+    cli, expected = one_process_start
+    straight = _main_fit(tmp_path, "straight", strategy="fsdp_tp")
+    for width, loss in expected.items():
+        assert _losses(straight, f"train/loss/w{width}")[0] == pytest.approx(loss, rel=1e-5)
+    assert os.path.isfile(os.path.join(straight, "mixnmatch.png"))
+
+    checkpoint = os.path.join(straight, "checkpoints", "last.ckpt")
+    assert os.path.isdir(checkpoint)  # one file per rank
+    model = load_model(checkpoint)
+    batches = list(cli.datamodule.dataloader("val", rank=0, world_size=2))[:2]
+    with torch.no_grad():
+        tokens = sum(b[:, 1:].numel() for b in batches)
+        val = sum(float(model.loss(b, 16)) * b[:, 1:].numel() for b in batches) / tokens
+    assert val == pytest.approx(_losses(straight, "val/loss/w16")[3], rel=1e-5)
+
+    interrupted = _main_fit(
+        tmp_path, "interrupted", "--trainer.callbacks+=stop_at.StopAt", strategy="fsdp_tp"
+    )
+    assert sorted(_losses(interrupted)) == [0, 1]
+    resumed = _main_fit(
+        tmp_path,
+        "resumed",
+        f"--ckpt_path={os.path.join(interrupted, 'checkpoints', 'last.ckpt')}",
+        strategy="fsdp_tp",
+    )
+    after = _losses(resumed)
+    assert sorted(after) == [2, 3]
+    for step in (2, 3):  # step 3 reads the restored optimizer state and learning-rate schedule
+        assert after[step] == pytest.approx(_losses(straight)[step], rel=1e-6), step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_ddp_and_fsdp(tmp_path, one_process_start):
+    """A one-process run interrupted after 2 steps (a single-file checkpoint) continues on 2
+    processes under configs/strategy/ddp.yaml and fsdp.yaml: the first loss is the checkpoint's
+    model's on rank 0's batch, and the next one, which reads the restored optimizer state, is the
+    same under both. Every shipped callback runs on both (the Mix'n'Match curve is drawn)."""
+    from itertools import islice
+
+    from lit_matmamba.training import load_model
+
+    cli, _ = one_process_start
+    one = _main_fit(tmp_path, "one", "--trainer.callbacks+=stop_at.StopAt", devices=1)
+    checkpoint = os.path.join(one, "checkpoints", "last.ckpt")
+    assert os.path.isfile(checkpoint)
+    batch = next(islice(cli.datamodule.dataloader("train", rank=0, world_size=2), 2, None))
+    with torch.no_grad():
+        model = load_model(checkpoint)
+        expected = {w: float(model.loss(batch, w)) for w in cli.model.granularities}
+    runs = {
+        name: _main_fit(tmp_path, name, f"--ckpt_path={checkpoint}", strategy=name)
+        for name in ("ddp", "fsdp")
+    }
+    for name, run in runs.items():
+        for width, loss in expected.items():
+            assert _losses(run, f"train/loss/w{width}")[2] == pytest.approx(loss, rel=1e-5), (name, width)
+        assert os.path.isfile(os.path.join(run, "mixnmatch.png"))  # drawn on rank 0, no deadlock
+    assert _losses(runs["fsdp"])[3] == pytest.approx(_losses(runs["ddp"])[3], rel=1e-5)

@@ -13,7 +13,7 @@
 The model (`lit_matmamba.models`) imports nothing from here nor from `torch.distributed`.
 """
 
-from .checkpoint import load_full_checkpoint
+from .checkpoint import key_optimizer_states_by_name, load_full_checkpoint, to_distributed_checkpoint
 from .grads import clip_grad_norm, gradient_sync, is_distributed, split_param_groups
 from .parallelize import (
     broadcast_batch,
@@ -32,6 +32,7 @@ __all__ = [
     "gradient_sync",
     "heads_per_rank",
     "is_distributed",
+    "key_optimizer_states_by_name",
     "load_full_checkpoint",
     "mesh_dims",
     "model_class",
@@ -40,4 +41,5 @@ __all__ = [
     "register_optimizer",
     "resolve_mesh_sizes",
     "split_param_groups",
+    "to_distributed_checkpoint",
 ]

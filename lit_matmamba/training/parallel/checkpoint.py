@@ -39,3 +39,61 @@ def load_full_checkpoint(path: str | Path) -> dict[str, Any]:
     checkpoint = torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = tensors["state_dict"]
     return checkpoint
+
+
+def key_optimizer_states_by_name(
+    checkpoint: dict[str, Any], module: torch.nn.Module, optimizers: list, by_module_order: bool
+) -> None:
+    """Key the optimizer states of a Lightning checkpoint being saved by parameter name instead of
+    position, so that a single-file checkpoint resumes under any strategy.
+
+    Lightning keys a one-process (or DDP) run's optimizer state by position in the optimizer's
+    groups, but one written by ModelParallelStrategy by position in `module.parameters()`, and
+    reads a single file under ModelParallelStrategy in the second order: the one-process
+    checkpoint's state would land on the wrong parameters. By name, both read it right
+    (`torch.optim.Optimizer.load_state_dict` pairs the saved groups' entries with its parameters
+    by position, whatever the keys; ModelParallelStrategy pairs them by name).
+
+    Args:
+        checkpoint: the checkpoint dict (`on_save_checkpoint`); states already keyed by name (a
+            distributed checkpoint's) or empty (ranks other than 0) are left alone.
+        module: the LightningModule (names are its `named_parameters()`).
+        optimizers: the optimizers, in the checkpoint's order.
+        by_module_order: the positions are in `module.parameters()` (ModelParallelStrategy's
+            single file), not in the optimizer's groups.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    for state, optimizer in zip(checkpoint.get("optimizer_states", []), optimizers):
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        keys = [k for group in groups or [] for k in group["params"]]
+        if not keys or not isinstance(keys[0], int):
+            continue
+        if by_module_order:
+            order = list(names.values())
+        else:
+            order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state["state"] = {order[k]: v for k, v in state["state"].items()}
+        state["param_groups"] = [{**g, "params": [order[k] for k in g["params"]]} for g in groups]
+
+
+def to_distributed_checkpoint(path: str | Path, directory: str | Path) -> Path:
+    """Write the single-file Lightning checkpoint `path` as a distributed checkpoint in `directory`
+    (what ModelParallelStrategy writes and reads: the tensors by `torch.distributed.checkpoint`,
+    the rest in `meta.pt`), on one process. Returns the directory.
+
+    ModelParallelStrategy loads a single file one parameter at a time, which cannot convert the
+    layouts of a sharded mixer (`layout.py`: the load hooks would also see the parameters not being
+    loaded); a distributed checkpoint loads the whole state dict at once. `main.py` converts a
+    single-file `--ckpt_path` this way under ModelParallelStrategy. The optimizer states must be
+    keyed by name (`key_optimizer_states_by_name`, which this project's checkpoints are).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    tensors = {"state_dict": checkpoint.pop("state_dict")}
+    for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        tensors[f"optimizer_{i}"] = state
+    dcp.save(tensors, checkpoint_id=directory, no_dist=True)
+    torch.save(checkpoint, directory / METADATA_FILENAME)
+    return directory

@@ -101,8 +101,22 @@ def _load_hook(
     layouts: dict[str, Layout], module: nn.Module, state_dict: dict, prefix: str, *args: Any
 ) -> None:
     for name, layout in layouts.items():
-        if prefix + name in state_dict:
-            state_dict[prefix + name] = layout.to_stored(state_dict[prefix + name], module._parameters[name])
+        value = state_dict.get(prefix + name)
+        if value is None:
+            continue
+        if value is module._parameters[name] and not prefix:
+            # torch.distributed's set_model_state_dict hands over the parameters themselves: the
+            # one being loaded holding the canonical tensor, the others their stored one. Called
+            # on the owning module itself (prefix ""), as ModelParallelStrategy loads a single file,
+            # one parameter at a time, the others' would be converted too: refuse.
+            raise RuntimeError(
+                "a sharded MatMamba model cannot be loaded one parameter at a time, as "
+                "ModelParallelStrategy loads a single-file checkpoint: give it a distributed "
+                "checkpoint (main.py converts a single file for you; in Python: "
+                "lit_matmamba.training.parallel.to_distributed_checkpoint(path, directory)), or load "
+                "the whole state dict at once"
+            )
+        state_dict[prefix + name] = layout.to_stored(value, module._parameters[name])
 
 
 def register_optimizer(optimizer: torch.optim.Optimizer, layouts: dict[torch.Tensor, Layout]) -> None:
