@@ -34,6 +34,28 @@ def tiny(seed: int = 0) -> MatMambaLM:
     return MatMambaLM(MatMambaConfig.from_name("lm-tiny", **CONFIG)).double()
 
 
+def test_the_model_imports_nothing_distributed():
+    """Parallelism lives in training/parallel/; the model is plain PyTorch."""
+    models = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lit_matmamba", "models"
+    )
+    for name in os.listdir(models):
+        if name.endswith(".py"):
+            with open(os.path.join(models, name)) as f:
+                text = f.read()
+            assert "torch.distributed" not in text and "DTensor" not in text, name
+
+
+def test_activation_checkpointing_on_one_process_keeps_the_gradients():
+    ref = tiny()
+    model = parallel.parallelize(copy.deepcopy(ref), None, activation_checkpointing=True)
+    ids = torch.randint(0, VOCAB, (2, 17))
+    for m in (model, ref):
+        sum(m.loss(ids, w) for w in (64, [32, 8])).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+
 # Placement and checks, one process --------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["lm-130m", "lm-370m", "lm-790m", "lm-1.4b", "vision-35m", "vision-135m"])
 @pytest.mark.parametrize("tp", [2, 4, 8])
@@ -327,11 +349,113 @@ def _check_joint_step(rank: int) -> None:
             torch.testing.assert_close(_full(p.grad), grad, rtol=1e-6, atol=1e-12, msg=name)
 
 
+def _check_options_and_bad_input(rank: int, tmp: str) -> None:
+    """Activation checkpointing keeps the gradients exact (FSDP2, TP); bf16 mixed precision
+    computes in bf16 and keeps float32 parameters and gradients; a tensor-parallel size that
+    cannot split a width is a clear error, under Lightning before any step."""
+    from lit_matmamba.training.parallel.parallelize import CheckpointedBlock
+
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    for dp, tp in ((2, 1), (1, 2)):
+        ref = tiny()
+        model = parallel.parallelize(
+            copy.deepcopy(ref), _mesh(dp, tp), widths=WIDTHS, activation_checkpointing=True
+        )
+        assert isinstance(model.backbone.layers[0], CheckpointedBlock)
+        stored = _stored(ref, tp)
+        for width in (32, [64, 8]):
+            model.zero_grad(set_to_none=True)
+            ref.zero_grad(set_to_none=True)
+            model.loss(ids, width).backward()
+            ref.loss(ids, width).backward()
+            for name, p in model.named_parameters():
+                grad = dict(ref.named_parameters())[name].grad
+                if name in stored:
+                    grad = grad.index_select(stored[name].dim, stored[name].index)
+                torch.testing.assert_close(_full(p.grad), grad, rtol=1e-8, atol=1e-12, msg=f"{width} {name}")
+
+    ref = tiny().float()
+    model = parallel.parallelize(copy.deepcopy(ref), _mesh(2, 1), widths=WIDTHS, mixed_precision="bf16")
+    logits = model(ids, 32)
+    assert logits.dtype == torch.bfloat16
+    loss = model.loss(ids, 32)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.loss(ids, 32).item(), rel=2e-2)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 cannot spread width 4 evenly"):
+        parallel.parallelize(MatMambaLM(MatMambaConfig.from_name("lm-tiny")), _mesh(1, 2), widths=[64, 4])
+    _fit_with_a_width_tp_cannot_split(rank, tmp)
+
+
+def _fit_with_a_width_tp_cannot_split(rank: int, tmp: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    from lit_matmamba.training import LanguageModeling
+
+    # Lightning takes the processes this test started (LOCAL_RANK) and their process group.
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(dist.get_world_size()))
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=dist.get_world_size(),
+        strategy=ModelParallelStrategy(1, dist.get_world_size()),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+        callbacks=[Steps()],
+    )
+    module = LanguageModeling(
+        MatMambaLM(MatMambaConfig.from_name("lm-tiny", vocab_size=VOCAB)), granularities=[64, 4]
+    )
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 cannot spread width 4 evenly"):
+        trainer.fit(module, DataLoader(torch.randint(0, VOCAB, (8, 17)), batch_size=4))
+    assert not steps
+
+
+def _check_vision(dp: int, tp: int) -> None:
+    """MatMambaVision under the same plan (its patch embedding, positions and head replicated)."""
+    from lit_matmamba import MatMambaVision
+
+    torch.manual_seed(0)
+    ref = MatMambaVision("vision-tiny").double()
+    mesh = _mesh(dp, tp)
+    model = parallel.parallelize(copy.deepcopy(ref), mesh, widths=[64, 8])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    targets = torch.arange(4) % 10
+    part = mesh["data_parallel"].get_local_rank()
+    images_mine, targets_mine = images.chunk(dp)[part], targets.chunk(dp)[part]
+    stored = _stored(ref, tp)
+    for width in (64, 8, [64, 8]):
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        torch.testing.assert_close(model(images_mine, width), ref(images_mine, width), rtol=1e-10, atol=1e-12)
+        model.loss(images_mine, targets_mine, width).backward()
+        sum(ref.loss(i, t, width) for i, t in zip(images.chunk(dp), targets.chunk(dp))).div(dp).backward()
+        for name, p in model.named_parameters():
+            grad = dict(ref.named_parameters())[name].grad
+            if name in stored:
+                grad = grad.index_select(stored[name].dim, stored[name].index)
+            torch.testing.assert_close(_full(p.grad), grad, rtol=1e-8, atol=1e-12, msg=f"{width} {name}")
+
+
 def _two_processes(rank: int, tmp: str) -> None:
     for dp, tp in ((2, 1), (1, 2)):
         _check_equals_unsharded(dp, tp, rank)
+        _check_vision(dp, tp)
         _check_checkpoint_conversions(dp, tp, rank, tmp)
     _check_joint_step(rank)
+    _check_options_and_bad_input(rank, tmp)
 
 
 def _four_processes(rank: int, tmp: str) -> None:
@@ -342,7 +466,7 @@ def _four_processes(rank: int, tmp: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_and_tp2_equal_the_unsharded_model_and_convert_checkpoints_exactly(tmp_path):
+def test_fsdp2_and_tp2_equal_the_unsharded_model_convert_checkpoints_exactly_and_check_options(tmp_path):
     spawn(2, _two_processes, str(tmp_path))
 
 
