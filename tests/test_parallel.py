@@ -7,7 +7,9 @@ runs several checks, to pay the start-up once. Models are float64, so "equal" is
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import os
 import socket
 import types
@@ -298,7 +300,7 @@ def _check_checkpoint_conversions(dp: int, tp: int, rank: int, tmp: str) -> None
 
 def _check_joint_step(rank: int) -> None:
     """The joint step under FSDP2 reduces gradients once per optimizer step, however many widths;
-    clipping sees the global norm across shards (FSDP2, tensor parallelism, both)."""
+    clipping sees the global norm across shards (FSDP2, tensor parallelism; the 2-D mesh on 4)."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
     from lit_matmamba.training.joint import joint_backward
@@ -329,30 +331,16 @@ def _check_joint_step(rank: int) -> None:
         _fsdp_param_group.foreach_reduce = reduce
     assert counts[0] > 0 and counts[1] == counts[0], f"reductions: one width {counts[0]}, four {counts[1]}"
 
-    ref = tiny()
-    everything = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(9))
-    sum(0.5 * ref.loss(part, w) for part in everything.chunk(2) for w in (64, 8)).div(2).backward()
-    expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
-    clipped = {n: p.grad.clone() for n, p in ref.named_parameters()}
     for dp, tp in ((2, 1), (1, 2)):
-        mesh = _mesh(dp, tp)
-        model = parallel.parallelize(tiny(), mesh, widths=[64, 8])
-        mine = everything.chunk(dp)[mesh["data_parallel"].get_local_rank()]
-        sum(0.5 * model.loss(mine, w) for w in (64, 8)).backward()
-        norm = parallel.clip_grad_norm(model, model.parameters(), 1e-3)
-        torch.testing.assert_close(norm, expected.float(), rtol=1e-6, atol=0)
-        stored = _stored(ref, tp)
-        for name, p in model.named_parameters():
-            grad = clipped[name]
-            if name in stored:
-                grad = grad.index_select(stored[name].dim, stored[name].index)
-            torch.testing.assert_close(_full(p.grad), grad, rtol=1e-6, atol=1e-12, msg=name)
+        _check_clipping(dp, tp)
 
 
 def _check_options_and_bad_input(rank: int, tmp: str) -> None:
     """Activation checkpointing keeps the gradients exact (FSDP2, TP); bf16 mixed precision
     computes in bf16 and keeps float32 parameters and gradients; a tensor-parallel size that
     cannot split a width is a clear error, under Lightning before any step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from lit_matmamba.training.parallel.parallelize import CheckpointedBlock
 
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
@@ -382,6 +370,25 @@ def _check_options_and_bad_input(rank: int, tmp: str) -> None:
     loss.backward()
     assert loss.item() == pytest.approx(ref.loss(ids, 32).item(), rel=2e-2)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+    # Built on the meta device on every rank (trainer.init_module(empty_init=True)): rank 0 builds it
+    # afresh, with the model's own initialisation, and every rank gets its shards of that.
+    with torch.device("meta"):
+        meta = MatMambaLM(MatMambaConfig.from_name("lm-tiny", **CONFIG))
+    with (
+        pytest.warns(UserWarning, match="meta device on rank 0 too")
+        if rank == 0
+        else contextlib.nullcontext()
+    ):
+        model = parallel.parallelize(meta, _mesh(1, 2), widths=WIDTHS)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    mixer = "backbone.layers.1.mixer."
+    assert torch.equal(state[mixer + "D"], torch.ones(32)) and torch.equal(
+        state[mixer + "norm.weight"], torch.ones(128)
+    )
+    assert (state[mixer + "A_log"] >= 0).all() and (state[mixer + "A_log"] <= math.log(16)).all()
+    assert 0.01 < state["backbone.embedding.weight"].std() < 0.03  # normal(0, 0.02)
+    assert torch.isfinite(model.loss(ids, 16))
 
     with pytest.raises(ValueError, match="tensor_parallel_size=2 cannot spread width 4 evenly"):
         parallel.parallelize(MatMambaLM(MatMambaConfig.from_name("lm-tiny")), _mesh(1, 2), widths=[64, 4])
@@ -458,10 +465,32 @@ def _two_processes(rank: int, tmp: str) -> None:
     _check_options_and_bad_input(rank, tmp)
 
 
+def _check_clipping(dp: int, tp: int) -> None:
+    """Gradient clipping sees the global norm across shards."""
+    ref = tiny()
+    everything = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(9))
+    sum(0.5 * ref.loss(part, w) for part in everything.chunk(dp) for w in (64, 8)).div(dp).backward()
+    expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
+    clipped = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    mesh = _mesh(dp, tp)
+    model = parallel.parallelize(tiny(), mesh, widths=[64, 8])
+    mine = everything.chunk(dp)[mesh["data_parallel"].get_local_rank()]
+    sum(0.5 * model.loss(mine, w) for w in (64, 8)).backward()
+    norm = parallel.clip_grad_norm(model, model.parameters(), 1e-3)
+    torch.testing.assert_close(norm, expected.float(), rtol=1e-6, atol=0)
+    stored = _stored(ref, tp)
+    for name, p in model.named_parameters():
+        grad = clipped[name]
+        if name in stored:
+            grad = grad.index_select(stored[name].dim, stored[name].index)
+        torch.testing.assert_close(_full(p.grad), grad, rtol=1e-6, atol=1e-12, msg=name)
+
+
 def _four_processes(rank: int, tmp: str) -> None:
     for dp, tp in ((1, 4), (2, 2)):
         _check_equals_unsharded(dp, tp, rank)
         _check_checkpoint_conversions(dp, tp, rank, tmp)
+        _check_clipping(dp, tp)
 
 
 @pytest.mark.distributed
@@ -472,17 +501,28 @@ def test_fsdp2_and_tp2_equal_the_unsharded_model_convert_checkpoints_exactly_and
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tp4_and_the_2x2_mesh_equal_the_unsharded_model_and_convert_checkpoints_exactly(tmp_path):
+def test_tp4_and_the_2x2_mesh_equal_the_unsharded_model_convert_checkpoints_exactly_and_clip(tmp_path):
     spawn(4, _four_processes, str(tmp_path))
 
 
 # Under Lightning ----------------------------------------------------------------------------------
+# What Lightning's launcher and our spawned processes put in the environment of a process.
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK")
+
+
 @pytest.fixture
 def process_group():
-    """For a test that starts a one-process ModelParallelStrategy here: leave no group behind."""
+    """For a test that starts a one-process ModelParallelStrategy here: leave no group and no
+    launcher environment behind (a later main.py would take itself for a started rank)."""
+    before = {key: os.environ.get(key) for key in LAUNCH_ENV}
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.mark.distributed
@@ -556,6 +596,7 @@ def _demo_args(logs) -> list[str]:
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2",
         "--trainer.log_every_n_steps=1",
+        "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={logs}",
         "--model.init_args.scheduler.init_args.warmup_steps=1",
@@ -579,7 +620,8 @@ def _main_fit(tmp, name, *args, devices=2, strategy=None) -> str:
     ]
     if strategy:
         command += ["--config", os.path.join(REPO, f"configs/strategy/{strategy}.yaml")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")])}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV}  # a fresh launch
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return str(logs / "lm_demo" / "version_0")

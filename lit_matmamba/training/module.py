@@ -36,9 +36,10 @@ class NestedModule(L.LightningModule):
     gradients are reduced on the last backward of an optimizer step only. Under Lightning's
     `ModelParallelStrategy`, `configure_model` shards the model with
     `lit_matmamba.training.parallel.parallelize` (FSDP2, tensor parallelism, or both on a 2-D
-    mesh), and the ranks of a tensor-parallel group train on the batch of its first rank. Validation and test
-    evaluate every granularity and each width in `eval_widths`, and log one tag per width and
-    metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
+    mesh), and the ranks of a tensor-parallel group train on the batch of its first rank.
+    Validation and test evaluate every granularity and each width in `eval_widths`, and log one tag
+    per width and metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own
+    (`model.loss`).
 
     Args:
         model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
@@ -100,7 +101,7 @@ class NestedModule(L.LightningModule):
         self.model = model
         # Parameters exempt from weight decay by their `_no_weight_decay` mark (optim.param_groups),
         # by name: parallelize() and moving sharded parameters give them new objects.
-        self._no_weight_decay = {
+        self._no_decay_names = {
             n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)
         }
         config = model.config
@@ -340,7 +341,7 @@ class NestedModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         for name, p in self.model.named_parameters():  # marks that sharding and moving drop
-            if name in self._no_weight_decay:
+            if name in self._no_decay_names:
                 p._no_weight_decay = True
         optimizer = self.optimizer_factory(parallel.split_param_groups(param_groups(self.model)))
         parallel.register_optimizer(optimizer, self.model)  # tensor parallelism: canonical state

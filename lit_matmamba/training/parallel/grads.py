@@ -114,10 +114,18 @@ def _sharded_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         if key is not None:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if placement.is_shard():  # Shard and FSDP's _StridedShard
+                if _splits(placement):
                     dist.all_reduce(squares, group=mesh.get_group(dim))
         total = squares if total is None else total + squares.to(total.device)
     return total.sqrt()
+
+
+def _splits(placement: object) -> bool:
+    """Whether a DTensor placement splits the tensor over its mesh dimension: Shard, or the
+    _StridedShard FSDP2 uses over a tensor-parallel shard (which is not a Shard subclass)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return placement.is_shard() or isinstance(placement, _StridedShard)
 
 
 def split_param_groups(groups: list[dict]) -> list[dict]:
