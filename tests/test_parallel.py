@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from lit_matmamba import MatMambaLM
 from lit_matmamba.models import MatMambaConfig
 from lit_matmamba.training import parallel
+from lit_matmamba.training.optim import param_groups
 from lit_matmamba.training.parallel.tensor_parallel import tensor_parallel_layouts
 
 VOCAB = 97
@@ -269,7 +270,7 @@ def _check_checkpoint_conversions(dp: int, tp: int, rank: int, tmp: str) -> None
 
     # Optimizer state: canonical = what one process's optimizer holds (the internal layout).
     def step(m):
-        opt = torch.optim.AdamW(parallel.split_param_groups([{"params": list(m.parameters())}]), lr=1e-2)
+        opt = torch.optim.AdamW(param_groups(m), lr=1e-2)
         parallel.register_optimizer(opt, m)
         m.zero_grad()
         m.loss(torch.arange(34).view(2, 17) % VOCAB, 32).backward()
@@ -288,7 +289,7 @@ def _check_checkpoint_conversions(dp: int, tp: int, rank: int, tmp: str) -> None
     opt_path = os.path.join(tmp, f"opt-{dp}x{tp}")
     dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=opt_path)
     model.zero_grad(set_to_none=True)  # as when resuming: no gradients yet
-    fresh = torch.optim.AdamW(parallel.split_param_groups([{"params": list(model.parameters())}]), lr=1e-2)
+    fresh = torch.optim.AdamW(param_groups(model), lr=1e-2)
     parallel.register_optimizer(fresh, model)
     state = get_optimizer_state_dict(model, fresh)
     dcp.load(state, checkpoint_id=opt_path)
@@ -333,6 +334,49 @@ def _check_joint_step(rank: int) -> None:
 
     for dp, tp in ((2, 1), (1, 2)):
         _check_clipping(dp, tp)
+
+
+def _check_optimizer_state_moves(rank: int, tmp: str) -> None:
+    """Under tensor parallelism alone (mixers sharded, the rest replicated) the optimizer has the
+    parameter groups it has on one process (optim.param_groups keeps mixers apart), so a
+    one-process optimizer's state, keyed by name as this project's checkpoints key it, loads into
+    it through a distributed checkpoint (ModelParallelStrategy's way; main.py converts a single
+    file): every moment on its parameter."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
+    ref = tiny()
+    model = parallel.parallelize(copy.deepcopy(ref), _mesh(1, 2), widths=WIDTHS)
+    ref_opt = torch.optim.AdamW(param_groups(ref), lr=1e-2)
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-2)  # foreach over each group: one kind each
+    parallel.register_optimizer(opt, model)
+    assert len(opt.param_groups) == len(ref_opt.param_groups) == 4
+    for m, o in ((ref, ref_opt), (model, opt)):
+        m.loss(ids, 16).backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+    names = {p: n for n, p in ref.named_parameters()}
+    order = [names[p] for g in ref_opt.param_groups for p in g["params"]]
+    path = os.path.join(tmp, "one-process-optimizer")
+    if rank == 0:
+        state = ref_opt.state_dict()
+        named = {
+            "state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+        dcp.save({"optimizer": named}, checkpoint_id=path, no_dist=True)
+    dist.barrier()
+    fresh = torch.optim.AdamW(param_groups(model), lr=1e-3)
+    parallel.register_optimizer(fresh, model)
+    state = {"optimizer": get_optimizer_state_dict(model, fresh)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model, fresh, state["optimizer"])
+    assert [g["lr"] for g in fresh.param_groups] == [1e-2] * 4
+    for p in model.parameters():  # the one-process moments, up to rounding in the gradients
+        torch.testing.assert_close(
+            _full(fresh.state[p]["exp_avg"]), _full(opt.state[p]["exp_avg"]), rtol=1e-8, atol=1e-14
+        )
 
 
 def _check_options_and_bad_input(rank: int, tmp: str) -> None:
@@ -462,6 +506,7 @@ def _two_processes(rank: int, tmp: str) -> None:
         _check_vision(dp, tp)
         _check_checkpoint_conversions(dp, tp, rank, tmp)
     _check_joint_step(rank)
+    _check_optimizer_state_moves(rank, tmp)
     _check_options_and_bad_input(rank, tmp)
 
 

@@ -343,7 +343,7 @@ class NestedModule(L.LightningModule):
         for name, p in self.model.named_parameters():  # marks that sharding and moving drop
             if name in self._no_decay_names:
                 p._no_weight_decay = True
-        optimizer = self.optimizer_factory(parallel.split_param_groups(param_groups(self.model)))
+        optimizer = self.optimizer_factory(param_groups(self.model))
         parallel.register_optimizer(optimizer, self.model)  # tensor parallelism: canonical state
         if self.scheduler_factory is None:
             return optimizer

@@ -14,7 +14,7 @@ The model (`lit_matmamba.models`) imports nothing from here nor from `torch.dist
 """
 
 from .checkpoint import key_optimizer_states_by_name, load_full_checkpoint, to_distributed_checkpoint
-from .grads import clip_grad_norm, gradient_sync, is_distributed, split_param_groups
+from .grads import clip_grad_norm, gradient_sync, is_distributed
 from .parallelize import (
     broadcast_batch,
     mesh_dims,
@@ -40,6 +40,5 @@ __all__ = [
     "rank_heads",
     "register_optimizer",
     "resolve_mesh_sizes",
-    "split_param_groups",
     "to_distributed_checkpoint",
 ]

@@ -126,18 +126,3 @@ def _splits(placement: object) -> bool:
     from torch.distributed.tensor.placement_types import _StridedShard
 
     return placement.is_shard() or isinstance(placement, _StridedShard)
-
-
-def split_param_groups(groups: list[dict]) -> list[dict]:
-    """Split optimizer parameter groups so that none mixes plain tensors and DTensors: torch's
-    foreach optimizers cannot step such a group (tensor parallelism without FSDP shards the mixers
-    and replicates the rest). Other groups are returned as they are."""
-    from torch.distributed.tensor import DTensor
-
-    out = []
-    for group in groups:
-        kinds: dict[bool, list] = {}
-        for p in group["params"]:
-            kinds.setdefault(isinstance(p, DTensor), []).append(p)
-        out.extend({**group, "params": params} for params in kinds.values()) if kinds else out.append(group)
-    return out

@@ -312,7 +312,7 @@ class TensorParallelMixer(MatMambaMixer):
             group,
         )  # (B, L, kP)
         out = _ReduceFromTP.apply(nested_linear(y, _local(self.out_proj.weight), None, cols=k * P), group)
-        return out if self.out_proj.bias is None else out + self.out_proj.bias
+        return out if self.out_proj.bias is None else out + _local(self.out_proj.bias)
 
     def step(self, u: torch.Tensor, width: int, state: Any) -> torch.Tensor:
         return self.forward(u, width, state)
@@ -357,9 +357,11 @@ def swap_class(module: nn.Module, mixin: type) -> None:
 
 def shard_mixer(mixer: MatMambaMixer, tp_mesh: Any) -> dict[str, Layout]:
     """Deal the mixer's heads out over the ranks of the 1-D mesh `tp_mesh` (module docstring):
-    every parameter becomes a DTensor holding this rank's block. Returns the stored layout of
+    every parameter becomes a DTensor holding this rank's block (out_proj's bias, which is not
+    split, a replica: all the mixer's parameters are DTensors, all the others' plain tensors, so
+    that each optimizer group of `optim.param_groups` holds one kind). Returns the stored layout of
     each parameter relative to the internal one."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     layouts = tensor_parallel_layouts(mixer, tp)
@@ -379,6 +381,13 @@ def shard_mixer(mixer: MatMambaMixer, tp_mesh: Any) -> dict[str, Layout]:
         if getattr(p, "_no_weight_decay", False):
             sharded._no_weight_decay = True
         owner._parameters[pname] = sharded
+    if mixer.out_proj.bias is not None:  # added once, after the all-reduce: a replica per rank
+        bias = mixer.out_proj.bias
+        local = bias.detach().to(_mesh_device(tp_mesh)) if not bias.is_meta else bias.detach()
+        mixer.out_proj.bias = nn.Parameter(
+            DTensor.from_local(local, tp_mesh, [Replicate()], run_check=False),
+            requires_grad=bias.requires_grad,
+        )
     swap_class(mixer, TensorParallelMixer)
     mixer.tp_group, mixer.tp_size = tp_mesh.get_group(), tp
     return layouts
