@@ -8,7 +8,8 @@
 - `tensor_parallel.py`: the tensor-parallel mixer and its head placement (every width balanced
   over the ranks).
 - `layout.py`: checkpoints keep the canonical layout whatever the sharding.
-- `checkpoint.py`: a distributed checkpoint read on one process.
+- `checkpoint.py`: checkpoint files across strategies (a distributed checkpoint read on one process,
+  a single file as a distributed checkpoint, optimizer state keyed by name).
 
 The model (`lit_matmamba.models`) imports nothing from here nor from `torch.distributed`.
 """

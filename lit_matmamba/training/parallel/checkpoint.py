@@ -1,4 +1,5 @@
-"""Reading a distributed checkpoint on one process."""
+"""Checkpoint files across strategies: a distributed checkpoint read on one process, a single file
+written as a distributed checkpoint, optimizer state keyed by parameter name."""
 
 from __future__ import annotations
 

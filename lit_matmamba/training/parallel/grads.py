@@ -1,7 +1,7 @@
 """Gradients across processes: reduced once per optimizer step, clipped by their global norm.
 
-MatMambaLM's joint step runs one forward and backward per granularity on the same batch and takes
-one optimizer step. Without care, DDP and FSDP all-reduce (or reduce-scatter) gradients after
+The joint step runs one forward and backward per granularity on the same batch and takes one
+optimizer step. Without care, DDP and FSDP all-reduce (or reduce-scatter) gradients after
 *every* backward, i.e. once per granularity. `gradient_sync(module, enabled)` turns that off for
 all but the last backward of an optimizer step.
 
