@@ -10,6 +10,7 @@ from .backend import BACKENDS, use_triton
 from .causal_conv1d import causal_conv1d, causal_conv1d_step
 from .cross_entropy import cross_entropy
 from .gated_rmsnorm import gated_rmsnorm
+from .mamba_ssm_compat import pin_ssd_configs
 from .ssd import ssd_gated_rmsnorm, ssd_scan, ssd_step
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "causal_conv1d_step",
     "cross_entropy",
     "gated_rmsnorm",
+    "pin_ssd_configs",
     "ssd_gated_rmsnorm",
     "ssd_scan",
     "ssd_step",

@@ -1,15 +1,14 @@
 """The one place that decides which implementation an op runs: the PyTorch reference or a GPU kernel.
 
 `backend` is "auto" (GPU kernels for CUDA tensors when Triton imports, the reference otherwise),
-"reference", or "triton" (forced; also runs on CPU tensors under TRITON_INTERPRET=1, which is how
-CI tests the kernels without a GPU).
+"reference", or "triton" (forced; also runs on CPU tensors when Triton runs kernels in its
+interpreter, TRITON_INTERPRET=1, which is how CI tests the kernels without a GPU).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
@@ -22,7 +21,12 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its interpreter, as Triton itself decides it (its knob follows
+    TRITON_INTERPRET and can be set in code). Triton older than 3.4 has no knobs: False there."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
 
 
 def use_triton(backend: str, tensor: torch.Tensor) -> bool:
@@ -40,9 +44,7 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
 
 
 def empty_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty for kernel outputs, filled with NaN when LIT_MATMAMBA_POISON=1 (tests): an element
-    a kernel forgets to write then shows up as NaN instead of as plausible garbage."""
-    out = torch.empty(shape, device=like.device, dtype=dtype)
-    if os.environ.get("LIT_MATMAMBA_POISON", "0") == "1":
-        out.fill_(float("nan"))
-    return out
+    """An uninitialised kernel output on `like`'s device. Every kernel allocates its outputs here, and
+    kernel modules call it through this module (`backend.empty_output`), so that the tests' fixture
+    `poisoned_outputs` can fill them with NaN in one place."""
+    return torch.empty(shape, device=like.device, dtype=dtype)

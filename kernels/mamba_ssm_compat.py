@@ -23,10 +23,12 @@ import functools
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import types
+import warnings
 from collections.abc import Callable
+
+import torch
 
 _PACKAGE = "mamba_ssm"
 _INSTALL_HINT = (
@@ -60,13 +62,6 @@ def get_mamba_chunk_scan_combined() -> Callable:
 def get_rmsnorm_fn() -> Callable:
     """mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn (gated RMSNorm; a baseline for ours)."""
     return _import("ops.triton.layernorm_gated").rmsnorm_fn
-
-
-@functools.cache
-def get_chunk_scan_bwd_dcb_kernel():
-    """mamba_ssm.ops.triton.ssd_chunk_scan._chunk_scan_bwd_dcb_kernel (autotuned Triton kernel; private
-    API), for the experimental one-pass dCB/ddA (`kernels/ssd/dcb_dda.py`)."""
-    return _private("ssd_chunk_scan", "_chunk_scan_bwd_dcb_kernel", ": unset LIT_MATMAMBA_FUSED_DDA")
 
 
 def get_selective_state_update() -> Callable:
@@ -107,10 +102,10 @@ def clear_autotuning(pins: bool = True) -> int:
     mamba-ssm keys its SSD kernels' autotuning on chunk size, head dim and state size only (not on
     the head count, batch or strides), so the first model to call them in a process chooses for
     every later one. A benchmark timing several models in one process clears the choices between
-    them, so that each tunes the kernels for its own calls, as it would alone. (Adding the head count
-    to the keys, so that each width of a nested model tunes for itself, was timed in the sixth run
-    and made no difference to the joint step; it was removed.) Configurations pinned by
-    `pin_configs` stay, unless `pins` is False: then those keys tune too, until the next clearing."""
+    them, so that each tunes the kernels for its own calls, as it would alone. (Keying on the head
+    count too, so that each width of a nested model tunes for itself, measures no faster in a joint
+    step.) Configurations pinned by `pin_ssd_configs` stay, unless `pins` is False: then those keys
+    tune too, until the next clearing that keeps them."""
     tuners = list(_autotuners(_loaded_modules()))
     for tuner in tuners:
         tuner.cache.clear()
@@ -119,22 +114,80 @@ def clear_autotuning(pins: bool = True) -> int:
     return len(tuners)
 
 
-# kernel name -> [(autotuning key, config)], kept so that clear_autotuning does not forget them.
+# kernel name -> [(autotuning key, config)]: the pins `pin_ssd_configs` made in this process, kept
+# so that `clear_autotuning` restores them and the next `pin_ssd_configs` can remove them.
 _PINS: dict[str, list[tuple[tuple, object]]] = {}
 
 
-def pin_configs(table: dict[str, list[dict]]) -> int:
-    """Makes mamba-ssm's autotuned SSD kernels use the given configurations at the given autotuning
-    keys instead of tuning there; returns how many (kernel, key) pairs were pinned. Other keys tune
-    as usual, and `clear_autotuning` keeps the pins.
+def pin_ssd_configs(choice: str = "auto", device: int | None = None) -> int:
+    """Sets the warps and pipeline stages mamba-ssm's SSD kernels run with in this process; returns
+    how many (kernel, autotuning key) pairs are pinned.
 
-    `table` is what `scripts/gpu_ssd_tune.py` writes: kernel name ->
-    [{"key": [...], "kwargs": {...}, "num_warps": w, "num_stages": s}, ...]. A pinned configuration is
-    one of the kernel's own (same block sizes, so its pre-hook too) with its warps and stages set.
-    Why: a configuration outside mamba-ssm's lists can be faster at a given key (BENCHMARKS.md,
-    seventh run), and tuning a longer list at every start would cost minutes.
+    Why: mamba-ssm's autotuning lists offer its SSD kernels few warps x stages combinations, and at
+    the LM presets' calls others are faster (`kernels/ssd/tuned_configs.py`); tuning a longer list
+    at every start would cost minutes. A pinned configuration is one of the kernel's own (same block
+    sizes, same arithmetic) with other warps and stages, used at its autotuning key only; other keys
+    autotune as usual.
+
+    Args:
+        choice: "auto": the table shipped for this GPU model (`kernels/ssd/tuned_configs.py`, by
+            `torch.cuda.get_device_name(device)`), nothing on GPU models without one. "off":
+            mamba-ssm's own autotuning everywhere. Anything else: the path of a JSON table, as
+            `lit_matmamba.bench.tune` writes it (kernel name -> [{"key": [...], "kwargs": {block
+            sizes}, "num_warps": w, "num_stages": s}, ...]).
+        device: the CUDA device whose model "auto" looks up; the current one if None.
+
+    Each call replaces the pins of the previous one, so a second call with the same choice leaves
+    the same state. Without CUDA or without mamba-ssm's Triton kernels, "auto" and "off" pin nothing
+    and return 0; a path there raises ImportError. A table that cannot be read, or names a kernel
+    or block sizes the installed mamba-ssm lacks, raises ValueError (naming the path) and leaves the
+    pins as they were; the shipped table, in that case, is skipped with a warning. Call it once at
+    setup, before the first forward (the training module and the bench commands do).
     """
-    get_ssd_internals()  # imports the SSD modules
+    if choice == "off":
+        return _replace_pins({})
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            return _replace_pins({})
+        try:
+            get_ssd_internals()
+        except ImportError:
+            return _replace_pins({})
+        from .ssd.tuned_configs import TABLES
+
+        name = torch.cuda.get_device_name(device)
+        try:
+            pins = _resolve_pins(TABLES.get(name, {}))
+        except ValueError as e:
+            warnings.warn(
+                f"the SSD configurations shipped for {name} do not fit this mamba-ssm, which autotunes "
+                f"instead: {e}",
+                stacklevel=2,
+            )
+            pins = {}
+        return _replace_pins(pins)
+    try:
+        with open(choice) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"SSD configuration table {choice!r}: not a readable JSON file ({e})") from e
+    try:
+        get_ssd_internals()
+    except ImportError as e:
+        raise ImportError(f"SSD configuration table {choice!r} pins mamba-ssm's kernels: {e}") from e
+    try:
+        pins = _resolve_pins(table)
+    except ValueError as e:
+        raise ValueError(f"SSD configuration table {choice!r}: {e}") from e
+    return _replace_pins(pins)
+
+
+def _resolve_pins(table: object) -> dict[str, list[tuple[tuple, object]]]:
+    """The pins a table asks for, checked against the loaded kernels; applies nothing."""
+    if not isinstance(table, dict):
+        raise ValueError(f"expected an object of kernel names, got {type(table).__name__}")
+    if not table:
+        return {}
     tuners = autotuners_by_name()
     pins: dict[str, list[tuple[tuple, object]]] = {}
     for name, entries in table.items():
@@ -143,37 +196,36 @@ def pin_configs(table: dict[str, list[dict]]) -> int:
             raise ValueError(
                 f"no autotuned mamba-ssm kernel named {name!r} (have: {', '.join(sorted(tuners))})"
             )
+        if not isinstance(entries, list):
+            raise ValueError(f"{name}: expected a list of entries, got {type(entries).__name__}")
         for entry in entries:
-            base = next((c for c in tuner.configs if c.kwargs == entry["kwargs"]), None)
+            try:
+                key, kwargs = tuple(entry["key"]), entry["kwargs"]
+                num_warps, num_stages = int(entry["num_warps"]), int(entry["num_stages"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{name}: each entry needs key, kwargs, num_warps and num_stages, got {entry!r}"
+                ) from e
+            base = next((c for c in tuner.configs if c.kwargs == kwargs), None)
             if base is None:
-                raise ValueError(f"{name} has no configuration with block sizes {entry['kwargs']}")
-            config = config_variant(base, int(entry["num_warps"]), int(entry["num_stages"]))
-            pins.setdefault(name, []).append((tuple(entry["key"]), config))
+                raise ValueError(f"{name} has no configuration with block sizes {kwargs}")
+            pins.setdefault(name, []).append((key, config_variant(base, num_warps, num_stages)))
+    return pins
+
+
+def _replace_pins(pins: dict[str, list[tuple[tuple, object]]]) -> int:
+    """Removes this process's pins from the autotuners (those keys tune again), then applies `pins`."""
+    if _PINS:
+        tuners = autotuners_by_name()
+        for name, old in _PINS.items():
+            cache = tuners[name].cache
+            for key, config in old:
+                if cache.get(key) is config:
+                    del cache[key]
+        _PINS.clear()
     _PINS.update(pins)
     _apply_pins()
     return sum(map(len, pins.values()))
-
-
-@functools.cache
-def use_tuned_configs(device_name: str) -> int:
-    """Pins (`pin_configs`) the configurations tuned for this GPU model (`kernels/ssd/tuned_configs.py`),
-    once per process; returns how many (kernel, key) pairs were pinned. The environment variable
-    LIT_MATMAMBA_SSD_CONFIGS replaces the table: a JSON file's path (what `scripts/gpu_ssd_tune.py`
-    writes), or `off` for mamba-ssm's own autotuning everywhere."""
-    from .ssd.tuned_configs import TABLES
-
-    choice = os.environ.get("LIT_MATMAMBA_SSD_CONFIGS", "").strip()
-    if choice.lower() == "off":
-        return 0
-    if choice:
-        try:
-            with open(choice) as f:
-                table = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"LIT_MATMAMBA_SSD_CONFIGS={choice!r}: not a readable JSON table ({e})") from e
-    else:
-        table = TABLES.get(device_name, {})
-    return pin_configs(table) if table else 0
 
 
 def config_variant(base, num_warps: int, num_stages: int):
@@ -214,11 +266,9 @@ def _autotuners(modules):
                 yield obj
 
 
-def _private(module: str, attr: str, hint: str = ""):
+def _private(module: str, attr: str):
     """mamba_ssm.ops.triton.<module>.<attr>, or an ImportError naming it (private API)."""
     found = getattr(_import(f"ops.triton.{module}"), attr, None)
     if found is None:
-        raise ImportError(
-            f"mamba_ssm.ops.triton.{module}.{attr} not found (another mamba-ssm version?){hint}"
-        )
+        raise ImportError(f"mamba_ssm.ops.triton.{module}.{attr} not found (another mamba-ssm version?)")
     return found

@@ -3,10 +3,10 @@ need them: deterministic (a fixed order, no atomics), in the partial sums' dtype
 float64 for float64 inputs).
 
 Why not `parts.sum(0)`: PyTorch's reduction over the leading dim of such a tensor is slow for its
-size. A (512, 2048) float32 one (4 MB) took 16 us in the fifth run's 1.4b profile, and such sums
-run 388 times a joint step of lm-1.4b. Alone, at every shape a joint step sums, it took 22 to 24
-us against 7 to 10 us here (BENCHMARKS.md, sixth run). Here each program sums a strip of BLOCK_C
-columns down all rows, its loads pipelined by Triton a few tiles ahead.
+size, and a joint step of lm-1.4b runs 388 of them (e.g. (512, 2048) float32, 4 MB). On an H200, at
+every shape a joint step sums, it takes 22 to 24 us against 7 to 10 us here (docs/performance.md).
+Here each program sums a strip of BLOCK_C columns down all rows, its loads pipelined by Triton a few
+tiles ahead.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import empty_output as _empty
+from . import backend
 
 _BLOCK_R, _BLOCK_C = 128, 32  # a (128, 32) float32 tile: one 128-byte line a row, 16 KB a stage
 
@@ -40,7 +40,7 @@ def sum_rows(parts: torch.Tensor) -> torch.Tensor:
             f"{tuple(parts.shape)} strides {parts.stride()}"
         )
     rows, cols = parts.shape
-    out = _empty((cols,), parts, parts.dtype)  # (N,)
+    out = backend.empty_output((cols,), parts, parts.dtype)  # (N,)
     _sum_rows_kernel[(triton.cdiv(cols, _BLOCK_C),)](
         parts, out, rows, cols, parts.stride(0), BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -34,8 +35,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lit_matmamba.data.prepare",
         "Turn raw text or image folders into the shards the data modules read.",
     ),
-    "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, memory, profile, kernels, tune."),
+    "bench": ("lit_matmamba.bench", "GPU benchmarks: speed, decode, memory, profile, kernels, tune."),
     "plot": ("lit_matmamba.plots", "Draw per-granularity curves of a run from its TensorBoard events."),
+    "export": (
+        "lit_matmamba.deploy.export",
+        "Write a standalone model of one width (mamba-ssm format if it can).",
+    ),
+    "generate": ("lit_matmamba.deploy.generate", "Generate text from a language model at any width."),
+    "search": (
+        "lit_matmamba.deploy.search",
+        "Find per-layer widths with the best validation metric under a params/FLOPs/latency budget.",
+    ),
+    "lm_eval": (
+        "lit_matmamba.deploy.harness",
+        "lm-evaluation-harness with the model adapter `matmamba` registered (needs the eval extra).",
+    ),
+    "embed": ("lit_matmamba.embed", "Write a split's features (images: pooled; text: mean) at any width."),
+    "retrieval": ("lit_matmamba.retrieval", "Nearest-neighbour top-1 and mAP@10, query x database width."),
+    "serve": ("lit_matmamba.serve", "Serve every width of a language model over OpenAI's completions API."),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).
@@ -44,13 +61,18 @@ DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training r
   python main.py validate --config configs/lm_demo.yaml --ckpt_path PATH
   python main.py prepare text --help                        raw text -> token shards
   python main.py bench speed --help                         GPU benchmarks
+  python main.py search --ckpt_path PATH --budget params=1e6 best widths under a budget
+  python main.py export --ckpt_path PATH --width 64 --output DIR
+  python main.py generate --ckpt_path PATH --width 32 --prompt "To be"
 
 Every command takes --help.
 """
 
 
 class MatMambaCLI(LightningCLI):
-    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it).
+    """LightningCLI that also lists the commands of `COMMANDS` in `--help` (they run before it),
+    and hands a custom head's class path and arguments from the config to the module
+    (`NestedModule.head_spec`), so that its checkpoints rebuild the head.
 
     Under ModelParallelStrategy (configs/strategy/), the model is built on the meta device on every
     rank but 0 (`parallel.parallelize` broadcasts rank 0's weights into every rank's shards), an
@@ -74,9 +96,15 @@ class MatMambaCLI(LightningCLI):
             config["ckpt_path"] = str(parallel.to_distributed_checkpoint(ckpt_path, directory))
 
     def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
         strategy = self.trainer.strategy
         if isinstance(strategy, ModelParallelStrategy):
             parallel.resolve_mesh_sizes(strategy, self.trainer.num_devices * self.trainer.num_nodes)
+        config = self.config.get(str(self.subcommand), self.config)
+        head = config.get("model.init_args.model.init_args.head")
+        if head is not None and isinstance(self.model, NestedModule):
+            spec = head.as_dict() if hasattr(head, "as_dict") else dict(head)
+            self.model.head_spec = json.loads(json.dumps(spec, default=str))
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -95,7 +123,12 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
-        importlib.import_module(module).main(argv[1:], prog=f"{_prog()} {argv[0]}")
+        prog = f"{_prog()} {argv[0]}"
+        try:
+            command = importlib.import_module(module)
+        except ModuleNotFoundError as err:  # an optional extra that is not installed
+            raise SystemExit(f"{prog}: {err}") from None
+        command.main(argv[1:], prog=prog)
         return None
     return MatMambaCLI(
         NestedModule,

@@ -1,10 +1,12 @@
-"""CUDA graphs for nested models: one capture per width (inference) or per joint step (training).
+"""CUDA graphs for nested models: one capture per width (inference), per width and batch bucket
+(decoding), or per joint step (training).
 
 A small sub-model launches as many kernels as the full one, each doing less work, so at small
 widths the step is bound by kernel launches, not by the GPU. Replaying a captured CUDA graph
 launches the whole step at once. Shapes are fixed at capture; inputs are copied into static
 buffers before each replay. The training side captures the joint step of every granularity
-(`lit_matmamba.training.joint.capture_joint_step`) through `GraphedTrainStep`.
+(`lit_matmamba.training.joint.capture_joint_step`) through `GraphedTrainStep`; decoding captures
+`MatMambaLM.step` through `GraphedDecoder`, which `generate`, the server and `bench decode` share.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
+from lit_matmamba.models.backbone import InferenceCache
 from lit_matmamba.models.config import Width
+from lit_matmamba.models.mixer import MixerState
 
 Batch = torch.Tensor | tuple | list | dict
 
@@ -108,6 +112,117 @@ class _Snapshot:
     def refresh(self) -> None:
         for name, p in self.sources.items():
             self.tensors[name].copy_(p.detach())  # in place: captured graphs read these buffers
+
+
+class GraphedDecoder:
+    """Decoding steps of a language model at one width for up to `batch_size` rows (slots), on a
+    recurrent state preallocated for them: `model.step` captured as a CUDA graph for each batch
+    bucket, or run eagerly (without CUDA, or with `cuda_graphs=False`).
+
+    The state (`self.cache`, `batch_size` rows at `width`) is allocated once. A step advances rows
+    [0, n): `load` puts prefilled rows into slots, `move` copies a row into another slot (a server
+    keeps its active rows leading), `step(tokens)` returns their logits. Graphed, a step of n rows
+    replays the graph of the smallest bucket b >= n (`buckets`, default the powers of two below
+    `batch_size` and `batch_size` itself), which reads and writes rows [0, b) of the same state in
+    place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
+    the step runs on exactly n rows. Both run `_run`: the model's own step on views of the state,
+    with any new state tensors the step returns copied back (the GPU kernels write in place).
+
+    `ssm_dtype`: the SSM state's dtype (default as `allocate_cache`: float32, float64 for a float64
+    model; stock mamba-ssm keeps it in the weights' dtype, bf16 halves its memory traffic). The graphs read the
+    model's parameters as they are at each replay; the model must not change dtype or device.
+
+    Example:
+        dec = GraphedDecoder(model, width=64, batch_size=8)
+        cache = model.allocate_cache(3, 64); logits = model.prefill(prompts, cache)  # 3 prompts
+        dec.load(cache)  # into rows 0..2
+        logits = dec.step(next_tokens)  # (3, V): a view of the graph's output buffer, valid until
+                                        # the next step (clone to keep)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        width: Width,
+        batch_size: int,
+        ssm_dtype: torch.dtype | None = None,
+        cuda_graphs: bool | None = None,
+        buckets: Iterable[int] | None = None,
+    ) -> None:
+        device = model.backbone.embedding.weight.device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+        self.cache = model.allocate_cache(batch_size, width, device=device, ssm_dtype=ssm_dtype)
+        self.widths = self.cache.widths
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # the graphs' input
+        if buckets is None:
+            buckets = [1 << i for i in range(batch_size.bit_length()) if 1 << i < batch_size]
+        self.buckets = sorted({*buckets, batch_size})
+        if self.buckets[0] < 1 or self.buckets[-1] > batch_size:
+            raise ValueError(f"buckets must lie in 1..{batch_size}, got {self.buckets}")
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graphs:
+            # All captured now: warming up a bucket writes junk into its rows, harmless only while
+            # no row holds a sequence.
+            for b in self.buckets:
+                _warmup(lambda b=b: self._run(b))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = self._run(b)
+                self.graphs[b] = (graph, logits)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return bool(self.graphs)
+
+    @torch.no_grad()
+    def _run(self, n: int) -> torch.Tensor:
+        """`model.step` on rows [0, n) of the state, in place; logits (n, V)."""
+        rows = [MixerState(s.conv[:n], s.ssm[:n]) for s in self.cache.states]
+        views = InferenceCache(self.widths, [MixerState(r.conv, r.ssm) for r in rows])
+        logits = self.model.step(self.tokens[:n], views)
+        for row, new in zip(rows, views.states):
+            if new.conv is not row.conv:  # the reference ops return new tensors
+                row.conv.copy_(new.conv)
+            if new.ssm is not row.ssm:
+                row.ssm.copy_(new.ssm)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next tokens (n,) of rows [0, n) -> their logits (n, V), state advanced in place."""
+        n = tokens.shape[0]
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"a step takes 1 to {self.batch_size} tokens, got {n}")
+        self.tokens[:n].copy_(tokens)
+        if not self.graphs:
+            return self._run(n)
+        graph, logits = self.graphs[next(b for b in self.buckets if b >= n)]
+        graph.replay()
+        return logits[:n]
+
+    @torch.no_grad()
+    def load(self, cache: InferenceCache, start: int = 0) -> None:
+        """Copy the rows of a prefilled cache (same widths) into rows [start, start + its rows)."""
+        if cache.widths != self.widths:
+            raise ValueError(f"the cache holds widths {cache.widths}, the decoder runs {self.widths}")
+        n = cache.states[0].conv.shape[0]
+        if start < 0 or start + n > self.batch_size:
+            raise ValueError(f"rows {start}..{start + n - 1} do not fit {self.batch_size} rows")
+        for mine, theirs in zip(self.cache.states, cache.states):
+            mine.conv[start : start + n].copy_(theirs.conv)
+            mine.ssm[start : start + n].copy_(theirs.ssm)
+
+    @torch.no_grad()
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src`'s state into row `dst`."""
+        for state in self.cache.states:
+            state.conv[dst].copy_(state.conv[src])
+            state.ssm[dst].copy_(state.ssm[src])
 
 
 class GraphedTrainStep:

@@ -1,7 +1,8 @@
-"""Figures: per-granularity curves from a run's TensorBoard events, and quality versus size.
+"""Figures: per-granularity curves from a run's TensorBoard events, quality versus size, heat-maps.
 
 `python main.py plot RUN_DIR --metrics train/loss val/loss --out curves.png` draws the first; the
-Mix'n'Match callback, the notebooks and the sub-model search draw the second.
+Mix'n'Match callback, the notebooks and the sub-model search draw the second; the retrieval
+evaluation draws the third (query width x database width).
 """
 
 from __future__ import annotations
@@ -57,30 +58,70 @@ def granularity_curves(run_dir: str | Path, metrics: Sequence[str] = ("train/los
 
 
 def quality_vs_params(
-    series: dict[str, list[dict[str, Any]]], metric: str, title: str = "", lines: Sequence[str] = ()
+    series: dict[str, list[dict[str, Any]]],
+    metric: str,
+    title: str = "",
+    lines: Sequence[str] = (),
+    x: str = "params",
 ) -> Figure:
-    """Metric against parameters used (millions): `series` maps a legend label to points
-    `{"params": int, metric: float, "label": str (optional)}`; series named in `lines` are joined by
+    """Metric against parameters used (millions), or against another cost of the points (`x`,
+    e.g. "flops" or "latency_ms"): `series` maps a legend label to points
+    `{x: number, metric: float, "label": str (optional)}`; series named in `lines` are joined by
     lines (and their points labelled), the others drawn as markers."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     markers = iter("xs^vD+*")
+    scale = 1e-6 if x == "params" else 1.0
     for name, points in series.items():
         if not points:
             continue
-        points = sorted(points, key=lambda p: p["params"])
-        xs, ys = [p["params"] / 1e6 for p in points], [p[metric] for p in points]
+        points = sorted(points, key=lambda p: p[x])
+        xs, ys = [p[x] * scale for p in points], [p[metric] for p in points]
         if name in lines:
             ax.plot(xs, ys, "o-", label=name)
-            for p, x, y in zip(points, xs, ys):
+            for p, px, py in zip(points, xs, ys):
                 if p.get("label"):
-                    ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                    ax.annotate(p["label"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
         else:
             ax.plot(xs, ys, next(markers, "."), label=name)
-    ax.set_xlabel("parameters used (M)")
+    ax.set_xlabel("parameters used (M)" if x == "params" else x)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(
+    values: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    fmt: str = "{:.3f}",
+) -> Figure:
+    """A matrix as coloured cells, each with its value written in it: `values[i][j]` is the cell
+    of row `row_labels[i]` (top to bottom) and column `col_labels[j]`."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    if data.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(
+            f"values of shape {data.shape} for {len(row_labels)} rows and {len(col_labels)} columns"
+        )
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.2, 0.8 * len(row_labels) + 1.6), dpi=100)
+    image = ax.imshow(data, cmap="viridis")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    middle = (np.nanmin(data) + np.nanmax(data)) / 2 if data.size else 0.0
+    for (i, j), v in np.ndenumerate(data):
+        # Dark text on the light (high) end of viridis, light text on the dark end.
+        ax.text(j, i, fmt.format(v), ha="center", va="center", color="black" if v > middle else "white")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

@@ -7,7 +7,21 @@ variable is set here, before any test module is imported.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN: an element a kernel forgets to write then fails the
+    comparison with the reference instead of passing as plausible garbage. Kernel modules allocate
+    through `backend.empty_output`, looked up on the module at each call, so one patch reaches all."""
+    from lit_matmamba.kernels import backend
+
+    def empty_nan(shape, like, dtype):
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+
+    monkeypatch.setattr(backend, "empty_output", empty_nan)

@@ -49,7 +49,7 @@ def as_float64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 @pytest.fixture
 def mamba_ssm_kernels(monkeypatch):
     """mamba-ssm's Triton SSD kernels, ready to run here; skips where mamba-ssm is not installed
-    (scripts/setup.sh installs it, so CI runs these tests).
+    (CI installs it, so CI runs these tests).
 
     On CPU they run under the Triton interpreter, with three test-only shims: mamba-ssm enters
     `torch.cuda.device(x.device.index)` and asks for the SM count, which fail without a CUDA

@@ -3,7 +3,8 @@
 Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py),
 so shapes stay tiny; the `gpu`-marked tests add realistic sizes. The
 oracle is the reference run in float64 on the same (rounded) inputs. Kernel outputs are allocated
-NaN-filled (LIT_MATMAMBA_POISON=1), so an element the kernel forgets to write fails the comparison.
+NaN-filled (the `poisoned_outputs` fixture), so an element the kernel forgets to write fails the
+comparison.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs_and_seed(monkeypatch):
-    monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
+def _poison_outputs_and_seed(poisoned_outputs):
     torch.manual_seed(0)
 
 
@@ -124,7 +124,7 @@ WIDTH_IDS = ["full", "w32", "w16", "w8", "mixnmatch"]
 
 def unfused_forward(model: MatMambaLM, ids: torch.Tensor, width) -> torch.Tensor:
     """The stack written the plain way: x + mixer(norm(x)) per block, then the final norm."""
-    widths = model.widths(width)
+    widths = model.config.resolve(width)
     h = model.backbone.embedding(ids)  # (B, L, D)
     for layer, w in zip(model.backbone.layers, widths):
         h = h + layer.mixer(layer.norm(h), w)

@@ -98,8 +98,15 @@ def test_help_explains_the_commands(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--help" in capsys.readouterr().out
-    main(["prepare", "--help"])
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
     assert "images" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_bench_without_a_gpu_says_so_in_one_line():
+    with pytest.raises(SystemExit, match="runs on a CUDA GPU"):
+        main(["bench", "speed", "--preset", "lm-tiny"])
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

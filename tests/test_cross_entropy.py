@@ -4,7 +4,7 @@ Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, s
 so shapes stay tiny and the vocabulary block is made small (`block_v`) so that a row takes several
 blocks; the `gpu`-marked tests add realistic sizes and CUDA-graph capture. The oracle is the
 reference run in float64 on the same (rounded) logits. Kernel outputs are allocated NaN-filled
-(LIT_MATMAMBA_POISON=1), so an element the kernel forgets to write fails the comparison.
+(the `poisoned_outputs` fixture), so an element the kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs_and_seed(monkeypatch):
-    monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
+def _poison_outputs_and_seed(poisoned_outputs):
     torch.manual_seed(0)
 
 
@@ -349,9 +348,9 @@ def test_language_modeling_predict_step_is_the_per_sequence_loss(backend, monkey
     ids = torch.randint(0, 4096, (3, 9), device=DEVICE)
     out = module.predict_step(ids, 0)
     if backend == "triton":
-        assert calls == [{"reduction": "none"}] * len(module.eval_settings())
-    assert sorted(out) == sorted(f"loss/{label}" for label, _ in module.eval_settings())
-    for label, width in module.eval_settings():
+        assert calls == [{"reduction": "none"}] * len(module.evaluated())
+    assert sorted(out) == sorted(f"loss/{label}" for label, _ in module.evaluated())
+    for label, width in module.evaluated():
         with torch.no_grad():
             logits = module.model(ids[:, :-1], width=width).float()  # (3, 8, V)
         expected = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # (3,)

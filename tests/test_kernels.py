@@ -4,18 +4,16 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 so shapes stay tiny; with CUDA the same tests run on the GPU, and the
 `gpu`-marked ones add realistic sizes and mamba-ssm's SSD scan. The oracle is the reference run in
 float64 on the same (rounded) inputs, so bf16 results may differ from it by their output rounding.
-Outputs of the kernels are allocated NaN-filled (LIT_MATMAMBA_POISON=1), so an element a kernel
-forgets to write fails the comparison.
+Outputs of the kernels are allocated NaN-filled (the `poisoned_outputs` fixture), so an element a
+kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
+import pkgutil
 import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,15 +28,73 @@ from kernel_testing import (
     requires_triton,
 )
 
-from lit_matmamba.kernels import causal_conv1d, gated_rmsnorm, ssd_scan
+from lit_matmamba import kernels
+from lit_matmamba.kernels import backend, causal_conv1d, gated_rmsnorm, ssd_scan
 from lit_matmamba.kernels import mamba_ssm_compat as compat
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+UNPOISONED = backend.empty_output  # bound at import, before the fixture patches it
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("LIT_MATMAMBA_POISON", "1")
+# ---------------------------------------------------------------------------------------------------
+# the poisoned_outputs fixture (conftest.py)
+
+
+@requires_triton
+def test_poisoned_outputs_show_an_element_a_kernel_leaves_unwritten(monkeypatch):
+    """A conv forward whose kernel writes only the first half of y's times: the rest reads NaN."""
+    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
+
+    class HalfWrite:  # stands in for the Triton kernel, with the launcher's arguments
+        def __getitem__(self, grid):
+            def launch(x, weight, bias, init, y, final_state, *args, **kwargs):
+                y[:, : y.shape[1] // 2] = 0.0
+                final_state.zero_()
+
+            return launch
+
+    monkeypatch.setattr(kernel, "_conv_fwd_kernel", HalfWrite())
+    x = torch.randn(2, 10, 4, device=DEVICE)
+    y, final = causal_conv1d(x, torch.randn(4, 4, device=DEVICE), backend="triton")
+    assert not y[:, :5].isnan().any() and y[:, 5:].isnan().all()
+    assert not final.isnan().any()
+
+
+@requires_triton
+def test_poisoned_outputs_reach_every_kernel_module():
+    """No kernel module keeps a binding of its own to the allocation helper, which the fixture's
+    patch would miss (for modules imported before it): each calls it through `backend`."""
+    helpers = (UNPOISONED, backend.empty_output)
+    assert helpers[1] is not helpers[0]
+    for info in pkgutil.walk_packages(kernels.__path__, f"{kernels.__name__}."):
+        module = importlib.import_module(info.name)
+        if module is not backend:
+            assert not any(v is h for v in vars(module).values() for h in helpers), info.name
+
+
+@requires_triton
+def test_the_backend_asks_triton_whether_it_interprets(monkeypatch):
+    """CPU tensors take the Triton backend only where Triton runs kernels in its interpreter."""
+    import triton
+
+    if not hasattr(triton, "knobs"):
+        pytest.skip("Triton < 3.4 has no knobs")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    assert not backend.interpreting()
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        backend.use_triton("triton", torch.zeros(1))
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    assert backend.interpreting() and backend.use_triton("triton", torch.zeros(1))
+
+
+def test_the_kernel_benchmark_checks_its_ops_then_needs_a_gpu(monkeypatch):
+    from lit_matmamba.bench.kernels import kernels as bench_kernels
+
+    with pytest.raises(ValueError, match=r"unknown ops \['convolution'\]"):
+        bench_kernels(ops=["conv", "convolution"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        bench_kernels(ops=["conv"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,16 +178,7 @@ def check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra):
     assert grads[1][channels:].abs().max() == 0
 
 
-def conv_bwd_variants() -> list[str]:
-    """The backward variants other than the default (kernel._BWD_VARIANTS); none without Triton."""
-    if importlib.util.find_spec("triton") is None:
-        return []
-    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
-    return [name for name in kernel._BWD_VARIANTS if name != kernel._BWD_VARIANT]
-
-
 @requires_triton
-@pytest.mark.parametrize("variant", conv_bwd_variants())
 @pytest.mark.parametrize(
     "bsz, seqlen, channels, k, bias, init, act, dtype, extra",
     [
@@ -142,37 +189,13 @@ def conv_bwd_variants() -> list[str]:
         conv_case(2, 50, 70, 3, bias=False, init=False, act=False, dtype=torch.bfloat16),
     ],
 )
-def test_causal_conv1d_bwd_variants_match_reference(monkeypatch, variant, bsz, seqlen, channels, k, bias, init,
-                                                    act, dtype, extra):  # fmt: skip
+def test_causal_conv1d_bwd_short_runs_match_reference(monkeypatch, bsz, seqlen, channels, k, bias, init, act,
+                                                      dtype, extra):  # fmt: skip
+    """Runs shorter than the backward's 64 steps, so that tiny sequences span several programs and
+    the unrolled loop's last iteration reaches past a run."""
     kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
-    monkeypatch.delenv("LIT_MATMAMBA_CONV_BWD", raising=False)  # it would override the variant
-    monkeypatch.setattr(kernel, "_BWD_VARIANT", variant)
-    monkeypatch.setattr(kernel, "_BWD_CHUNK", 6)  # short runs: tiny sequences span several programs
+    monkeypatch.setattr(kernel, "_BWD_CHUNK", 6)
     check_conv(bsz, seqlen, channels, k, bias, init, act, dtype, extra)
-
-
-@requires_triton
-def test_causal_conv1d_bwd_variant_from_the_environment(monkeypatch):
-    """LIT_MATMAMBA_CONV_BWD picks the variant (benchmarks' A/B); an unknown name is a clear error."""
-    kernel = importlib.import_module("lit_matmamba.kernels.causal_conv1d.kernel")
-    launched = []
-    real = kernel._conv_bwd_kernel
-
-    class Spy:  # records the variant's constexprs, then launches the real kernel
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs["UNROLL"], kwargs["STAGES"]))
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernel, "_conv_bwd_kernel", Spy())
-    monkeypatch.setenv("LIT_MATMAMBA_CONV_BWD", "prefetch1")
-    check_conv(1, 20, 5, 4, True, False, True, torch.float32, {})
-    assert launched == [(1, None)]
-    monkeypatch.setenv("LIT_MATMAMBA_CONV_BWD", "no-such-variant")
-    with pytest.raises(ValueError, match="LIT_MATMAMBA_CONV_BWD='no-such-variant': not one of"):
-        check_conv(1, 20, 5, 4, True, False, True, torch.float32, {})
 
 
 @requires_triton
@@ -343,127 +366,6 @@ def test_compat_broken_submodule_says_how_to_install(tmp_path, monkeypatch, no_m
         ImportError, match="einops_missing_for_the_test.*MAMBA_SKIP_CUDA_BUILD=TRUE pip install"
     ):
         compat.get_mamba_chunk_scan_combined()
-
-
-def _kernel_for_the_autotuner(n):
-    """Never launched. A `def`, not a lambda: outside the interpreter (on a GPU) `triton.jit` finds
-    the kernel's source by its `def` line, and fails on a lambda."""
-
-
-@requires_triton
-@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_clear_autotuning_forgets_mamba_ssm_choices(monkeypatch):
-    """Benchmarks clear the autotuners' choices between models (each tunes for its own calls): plain
-    autotuned kernels and those with heuristics around the autotuner (mamba-ssm has both)."""
-    import triton
-
-    compat.get_ssd_internals()  # imports the SSD modules
-    scan = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_scan")
-    scan._chunk_scan_fwd_kernel.cache[("a", "key")] = scan._chunk_scan_fwd_kernel.configs[0]
-    tuned = triton.autotune([triton.Config({})], key=["n"])(triton.jit(_kernel_for_the_autotuner))
-    wrapped = types.SimpleNamespace(kernel=triton.heuristics({"unused": lambda args: 0})(tuned), other=len)
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.wrapped_for_the_test", wrapped)
-    tuned.cache[("b",)] = tuned.configs[0]
-    assert compat.clear_autotuning() >= len(compat._SSD_INTERNALS) + 1
-    assert scan._chunk_scan_fwd_kernel.cache == {} and tuned.cache == {}
-
-
-@pytest.fixture
-def fresh_pins(monkeypatch):
-    """No pins before the test; afterwards, none left in mamba-ssm's autotuners for later tests."""
-    monkeypatch.setattr(compat, "_PINS", {})
-    yield
-    compat.clear_autotuning(pins=False)
-
-
-@requires_triton
-@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_pin_configs_sets_warps_and_stages_at_the_key(monkeypatch, fresh_pins):
-    """A pinned configuration is the kernel's own (same block sizes and pre-hook) with the table's
-    warps and stages, used at its key only; clearing keeps it unless asked not to."""
-    compat.get_ssd_internals()
-    dx = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")._chunk_scan_chunk_state_bwd_dx_kernel
-    base = dx.configs[3]
-    assert base.pre_hook is not None  # zeroes ddt: it must survive the pin
-    key = [128, 24, 128, "torch.bfloat16"]
-    table = {dx.base_fn.__name__: [dict(key=key, kwargs=dict(base.kwargs), num_warps=8, num_stages=1)]}
-    monkeypatch.setattr(dx, "cache", {})
-    assert compat.pin_configs(table) == 1
-    pinned = dx.cache[tuple(key)]
-    assert (pinned.kwargs, pinned.num_warps, pinned.num_stages) == (base.kwargs, 8, 1)
-    assert pinned.pre_hook is base.pre_hook and (base.num_warps, base.num_stages) != (8, 1)
-    assert len(dx.cache) == 1
-    compat.clear_autotuning()
-    assert dx.cache[tuple(key)] is pinned
-    compat.clear_autotuning(pins=False)
-    assert dx.cache == {}
-    compat.clear_autotuning()  # pins come back at the next clearing that keeps them
-    assert dx.cache[tuple(key)] is pinned
-
-
-@requires_triton
-@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_pin_configs_rejects_unknown_kernels_and_block_sizes(fresh_pins):
-    entry = dict(key=[1], kwargs={"BLOCK_SIZE_M": 64}, num_warps=4, num_stages=2)
-    with pytest.raises(ValueError, match="no autotuned mamba-ssm kernel named 'not_a_kernel'"):
-        compat.pin_configs({"not_a_kernel": [entry]})
-    with pytest.raises(ValueError, match="has no configuration with block sizes"):
-        compat.pin_configs({"_chunk_scan_fwd_kernel": [dict(entry, kwargs={"BLOCK_SIZE_M": 3})]})
-    assert compat._PINS == {}  # nothing half-applied
-
-
-@requires_triton
-@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba-ssm")
-def test_use_tuned_configs_pins_the_gpu_models_table_or_the_environments(monkeypatch, tmp_path, fresh_pins):
-    """The shipped table fits the installed mamba-ssm (every kernel and block size exists); `off`
-    and GPUs without a table pin nothing; a path replaces the table; a bad path says so."""
-    from lit_matmamba.kernels.ssd.tuned_configs import TABLES
-
-    use = compat.use_tuned_configs.__wrapped__  # the uncached function: the environment changes here
-    monkeypatch.delenv("LIT_MATMAMBA_SSD_CONFIGS", raising=False)
-    assert use("NVIDIA H200") == sum(map(len, TABLES["NVIDIA H200"].values())) > 0
-    assert use("a GPU without a table") == 0
-    monkeypatch.setattr(compat, "_PINS", {})
-    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", "off")
-    assert use("NVIDIA H200") == 0 and compat._PINS == {}
-    entry = dict(TABLES["NVIDIA H200"]["_chunk_scan_fwd_kernel"][0], num_warps=8)
-    (tmp_path / "table.json").write_text(json.dumps({"_chunk_scan_fwd_kernel": [entry]}))
-    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(tmp_path / "table.json"))
-    assert use("NVIDIA H200") == 1
-    assert [c.num_warps for _, c in compat._PINS["_chunk_scan_fwd_kernel"]] == [8]
-    monkeypatch.setenv("LIT_MATMAMBA_SSD_CONFIGS", str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="missing.json.*not a readable JSON table"):
-        use("NVIDIA H200")
-
-
-def test_ssd_tune_chooses_one_config_for_all_widths():
-    """scripts/gpu_ssd_tune.py: the default is what the autotuner picks at full width and runs at every
-    width; the best minimises the call-weighted sum over widths; pins only beyond the minimum gain."""
-    spec = importlib.util.spec_from_file_location("gpu_ssd_tune", ROOT / "scripts" / "gpu_ssd_tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
-    cid = lambda w, s: f'{{"kwargs": {{"M": 64}}, "num_stages": {s}, "num_warps": {w}}}'  # noqa: E731
-    a, b, c = cid(4, 3), cid(8, 1), cid(2, 2)
-    key, widths = (128, 24), [768, 96]
-    timings = {
-        ("default", "k", key, 768): {a: 1.0, cid(4, 4): 1.1},
-        ("default", "k", key, 96): {a: 0.5, cid(4, 4): 0.2},  # the default still runs a here
-        ("refined", "k", key, 768): {a: 1.0, b: 0.7, c: 0.6},
-        ("refined", "k", key, 96): {a: 0.5, b: 0.2, c: 0.5},  # c is best at 768 only
-        ("default", "slow", key, 768): {a: 1.0},
-        ("default", "slow", key, 96): {a: 1.0},
-        ("refined", "slow", key, 768): {b: 0.99},
-        ("refined", "slow", key, 96): {b: 0.99},
-    }
-    calls = {("k", key, 768): 2, ("k", key, 96): 2, ("slow", key, 768): 1, ("slow", key, 96): 1}
-    report, table = tune.choose(timings, calls, widths, min_gain=0.03)
-    by_kernel = {e["kernel"]: e for e in report}
-    k = by_kernel["k"]
-    assert k["default_config"]["num_warps"] == 4 and k["step_ms_default"] == pytest.approx(3.0)
-    assert (k["best_config"]["num_warps"], k["best_config"]["num_stages"]) == (8, 1)  # 1.8 < 2.2 (c)
-    assert k["step_ms_best"] == pytest.approx(1.8)
-    assert by_kernel["slow"]["step_ms_best"] == pytest.approx(1.98)  # 1% faster: reported, not pinned
-    assert table == {"k": [dict(key=[128, 24], kwargs={"M": 64}, num_warps=8, num_stages=1)]}
 
 
 # ---------------------------------------------------------------------------------------------------

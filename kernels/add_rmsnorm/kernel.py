@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import empty_output as _empty
+from .. import backend
 from ..partial_sums import sum_rows
 
 # A row must fit in one program's registers; 64 KiB of float32 statistics per row, like the
@@ -174,9 +174,9 @@ def _fwd(x, residual, weight, eps, out_dtype, acc_dtype):
     rows, channels = residual.shape
     block_n = _block_n(channels, acc_dtype)
     block_m = _block_m(block_n, rows, _FWD_TILE)
-    y = _empty((rows, channels), residual, out_dtype)  # (M, D)
-    residual_out = _empty((rows, channels), residual, acc_dtype)  # (M, D)
-    rstd = _empty((rows,), residual, acc_dtype)  # (M,)
+    y = backend.empty_output((rows, channels), residual, out_dtype)  # (M, D)
+    residual_out = backend.empty_output((rows, channels), residual, acc_dtype)  # (M, D)
+    rstd = backend.empty_output((rows,), residual, acc_dtype)  # (M,)
     x_ = x if x is not None else residual
     _add_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_m),)](
         x_,
@@ -205,13 +205,15 @@ def _bwd(residual_out, weight, rstd, dy, dres_out, dx_dtype, dres_dtype):
     """dx_dtype / dres_dtype: the dtypes of the gradients to write, None for one not wanted."""
     rows, channels = residual_out.shape
     block_n = _block_n(channels, residual_out.dtype)
-    dx = _empty((rows, channels), residual_out, dx_dtype) if dx_dtype is not None else None  # (M, D)
+    dx = None
+    if dx_dtype is not None:
+        dx = backend.empty_output((rows, channels), residual_out, dx_dtype)  # (M, D)
     shared = dx is not None and dres_dtype == dx_dtype  # one tensor is both gradients
     dres = dx if shared else None
     if dres_dtype is not None and not shared:
-        dres = _empty((rows, channels), residual_out, dres_dtype)  # (M, D)
+        dres = backend.empty_output((rows, channels), residual_out, dres_dtype)  # (M, D)
     block_m, rows_per_program, n_programs = _backward_programs(rows, block_n, residual_out.device)
-    dw_part = _empty((n_programs, channels), residual_out, residual_out.dtype)
+    dw_part = backend.empty_output((n_programs, channels), residual_out, residual_out.dtype)
     dres_out_ = dres_out if dres_out is not None else dy
     dx_ = dx if dx is not None else dw_part
     dres_ = dres if dres is not None else dw_part

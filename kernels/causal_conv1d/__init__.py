@@ -32,6 +32,13 @@ def causal_conv1d_step(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: bool = True,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step; small enough that the reference is the implementation everywhere."""
+    """One decoding step (see `causal_conv1d_step_ref` for shapes): y and the new state. The Triton
+    kernel writes the new state into `state` and returns it; the reference returns a new tensor.
+    Either way, use the state returned."""
+    if use_triton(backend, x):
+        from .kernel import causal_conv1d_step_triton
+
+        return causal_conv1d_step_triton(x, state, weight, bias, activation)
     return causal_conv1d_step_ref(x, state, weight, bias, activation)

@@ -13,9 +13,9 @@ Backward: the pre-activation is recomputed, not saved (one (B, L, C) tensor less
 forward and backward). With g = dloss/dpre (dy silu'(pre)), dx[t] = sum_s weight[K-1-s] g[t+s]
 needs g at K consecutive times. A program owns R runs of CH consecutive times (tile row i = the run
 starting at T0 + i*CH) and walks them in lockstep, one time step u at a time: it loads x[u] and dy[u]
-(one (R, BLOCK_C) tile each; by default 4 steps an iteration, their loads pipelined by Triton into
-shared memory two iterations ahead, see `_BWD_VARIANTS`), keeps the last K inputs and the last K
-values of g in registers as a sliding window, and stores dx[u - (K-1)]. So x and dy are read once
+(one (R, BLOCK_C) tile each; 4 steps an iteration, their loads pipelined by Triton into shared
+memory two iterations ahead, see `_BWD_UNROLL`), keeps the last K inputs and the last K values of g
+in registers as a sliding window, and stores dx[u - (K-1)]. So x and dy are read once
 (plus a halo of K-1 steps per run) and no tensor is larger than one (R, BLOCK_C) tile; the weights
 are K channel vectors loaded once per program. dweight/dbias accumulate elementwise in (R, BLOCK_C)
 fp32 tiles, summed over the rows once per program, then reduced in two stages: fp32 partial sums per
@@ -25,18 +25,17 @@ times -(K-1)..-1) comes from a small tile of program 0 that recomputes g at the 
 Limits: K in 2..4; L * C < 2**31 (int32 offsets inside one sequence); fp32/bf16/fp16 (fp32 math).
 The block sizes are fixed, chosen for coalescing (each tile row is BLOCK_C contiguous channels) and
 for occupancy (ptxas register counts for sm_90: forward ~124, backward ~122, 128 with
-initial_state, no spills), and compared with a few alternatives on one H200 shape; not autotuned.
+initial_state, no spills), and compared with a few alternatives on one H200 shape; not autotuned
+(docs/performance.md).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import empty_output as _empty
+from .. import backend
 
 # The only K the mixer uses is 4; 2..4 keep `_TAPS` (a power of two >= K-1 and >= K) at 4.
 _MIN_K, _MAX_K = 2, 4
@@ -56,35 +55,23 @@ _BWD_WARPS = 4
 # Steps per run: 64. The halo of K-1 steps is 3/64 of the loads, and a program covers R * CH = 512
 # steps, so the dweight/dbias partial sums (K + 1 fp32 per channel and program) stay small next to
 # x. A program's R runs lie CH * C elements apart, and how well the kernel streams depends on that
-# spacing (it reaches 0.4 to 1.5 TB/s of x + dy + dx). Timed on an H200 at the LM presets' widths
-# (scripts/gpu_conv_bwd_sweep.py, BENCHMARKS.md fourth run): 64 beat 128 in the sum over widths in
-# all three runs at 1.4b (by 2 to 23%) and in two of three at 130m.
+# spacing (0.4 to 1.5 TB/s of x + dy + dx on an H200); summed over lm-1.4b's widths, 64 steps
+# measure faster than 128 (and at lm-130m's mostly so).
 _BWD_CHUNK = 64
 # How the backward keeps loads in flight. It is latency-bound: each step loads only two (R, BLOCK_C)
-# tiles (2 KB in bf16) a program. prefetch1, the scheme until the fifth run, issues them one step
-# ahead into registers. unroll4-stagesS walks 4 steps an iteration and lets Triton's software
-# pipeliner (tl.range's num_stages = S) copy an iteration's loads into shared memory S-1 iterations
-# ahead. The pipeliner leaves a load alone while its value stays among the loop-carried values for
-# more than one iteration, as in windows shifted one step an iteration; from 3 steps an iteration
-# on, every window value carried to the next iteration comes from that iteration's own loads
-# (Triton 3.8's sm_90 TTGIR: no async copy at 1 or 2 steps, 18 at 3, 24 at 4).
-# ptxas registers for sm_90 (Triton 3.8), without / with initial_state, no spills: prefetch1
-# 118/124; unroll4-stages2/3/4 125/128, 122/128, 122/143, with 8, 16, 24 KB of shared memory a
-# program. The kernel alone (scripts/gpu_conv_bwd_sweep.py, fifth run, which also timed prefetching
-# 0, 2 and 3 steps, 16 rows over 8 warps and unrolling without stages, none faster than prefetch1)
-# summed over the lm-1.4b widths at 64 steps a run: 437 us for prefetch1, 348-350 us for stages 2-4.
-# unroll4-stages3 is the default: in the graphed joint step (scripts/gpu_chunk_sweep.sh, both
-# orders on two H200s, BENCHMARKS.md fifth run) it took 413.7 and 417.1 ms against 419.9 and
-# 423.4 ms with prefetch1 at lm-1.4b, and 196.3 and 197.6 ms against 199.5 and 200.1 ms at lm-130m.
-# The environment variable LIT_MATMAMBA_CONV_BWD overrides `_BWD_VARIANT` (A/B timing of whole
-# steps); the tests run every variant.
-_BWD_VARIANTS = {
-    "prefetch1": dict(prefetch=True, unroll=1, stages=None),
-    "unroll4-stages2": dict(prefetch=False, unroll=4, stages=2),
-    "unroll4-stages3": dict(prefetch=False, unroll=4, stages=3),
-    "unroll4-stages4": dict(prefetch=False, unroll=4, stages=4),
-}
-_BWD_VARIANT = "unroll4-stages3"
+# tiles (2 KB in bf16) a program. So it walks _BWD_UNROLL steps an iteration and lets Triton's
+# software pipeliner (tl.range's num_stages = _BWD_STAGES) copy an iteration's loads into shared
+# memory _BWD_STAGES - 1 iterations ahead. The pipeliner leaves a load alone while its value stays
+# among the loop-carried values for more than one iteration, as in windows shifted one step an
+# iteration; from 3 steps an iteration on, every window value carried to the next iteration comes
+# from that iteration's own loads (Triton 3.8's sm_90 TTGIR: no async copy at 1 or 2 steps, 18 at 3,
+# 24 at 4). ptxas registers for sm_90 (Triton 3.8): 122 without initial_state, 128 with, no spills,
+# 16 KB of shared memory a program. On an H200 at the LM presets' shapes this measures faster than
+# prefetching one step ahead into registers, in the kernel alone (by about a fifth) and in the graphed
+# joint step; prefetching 0, 2 or 3 steps, 16 rows over 8 warps and unrolling without stages were
+# no faster than that prefetch, and 2 or 4 stages time like 3 (docs/performance.md).
+_BWD_UNROLL = 4
+_BWD_STAGES = 3
 
 
 @triton.jit
@@ -494,7 +481,6 @@ def _conv_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_INIT: tl.constexpr,
     ACTIVATION: tl.constexpr,
-    PREFETCH: tl.constexpr,
     UNROLL: tl.constexpr,
     STAGES: tl.constexpr,
 ):
@@ -537,31 +523,15 @@ def _conv_bwd_kernel(
     dw2 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
     dw3 = tl.zeros((R, BLOCK_C), dtype=tl.float32)
     db = tl.zeros((R, BLOCK_C), dtype=tl.float32)
-    # PREFETCH: the loads of step u are issued one step ahead, into registers (x and dy in their own
-    # dtype), so one pair of tiles is in flight while step u computes. Loads past L are masked; past
-    # the end of a run they read one step of the next run, unused.
-    if PREFETCH:
-        x_next = _load_step(x_row, start, stride_xl, L, cmask2)
-        dy_next = _load_step(dy_row, start, stride_dyl, L, cmask2)
-    # STAGES (None: off) asks Triton's software pipeliner to issue the loop's loads STAGES-1
-    # iterations ahead (cp.async into shared memory). Triton 3.8 pipelines none of them (sm_90 TTGIR)
-    # when a loaded value stays in the loop-carried values for more than one iteration, as it does in
-    # the windows shifted one step an iteration; with UNROLL >= 3 steps an iteration, every window
-    # value carried to the next iteration comes from this iteration's own loads.
+    # UNROLL steps an iteration, their loads issued STAGES-1 iterations ahead by Triton's software
+    # pipeliner (cp.async into shared memory; see _BWD_UNROLL for why it takes UNROLL >= 3). Loads
+    # past L are masked; the last iteration's steps past the run are not stored.
     for step0 in tl.range(0, CH + K - 1, UNROLL, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
             step = step0 + j
             u = start + step
-            if PREFETCH:
-                x_cur = x_next
-                dy_cur = dy_next
-                x_next = _load_step(x_row, u + 1, stride_xl, L, cmask2)
-                dy_next = _load_step(dy_row, u + 1, stride_dyl, L, cmask2)
-            else:
-                x_cur = _load_step(x_row, u, stride_xl, L, cmask2)
-                dy_cur = _load_step(dy_row, u, stride_dyl, L, cmask2)
-            xw3 = x_cur.to(tl.float32)
-            g = dy_cur.to(tl.float32)  # 0 for u >= L
+            xw3 = _load_step(x_row, u, stride_xl, L, cmask2).to(tl.float32)
+            g = _load_step(dy_row, u, stride_dyl, L, cmask2).to(tl.float32)  # 0 for u >= L
             if ACTIVATION:
                 pre = bias[None, :] + _tap(K - 1, w0, w1, w2, w3)[None, :] * xw3
                 for k in tl.static_range(K - 1):
@@ -589,9 +559,8 @@ def _conv_bwd_kernel(
                     other=0.0,
                 ).to(tl.float32)
             t = u - (K - 1)
-            keep = (t < L) & (step >= K - 1)  # (R, 1)
-            if UNROLL > 1:  # the last iteration's steps past the run (g_own keeps them out of dweight)
-                keep = keep & (step < CH + K - 1)
+            # Not the last iteration's steps past the run (g_own keeps them out of dweight).
+            keep = (t < L) & (step >= K - 1) & (step < CH + K - 1)  # (R, 1)
             tl.store(dx_ptr + b * stride_dxb + t * stride_dxl + c2 * stride_dxc, dx, mask=keep & cmask2)
             xw0 = xw1
             xw1 = xw2
@@ -663,8 +632,8 @@ def _conv_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, seqlen, channels = x.shape
     k = weight.shape[1]
-    y = _empty((bsz, seqlen, channels), x, x.dtype)  # (B, L, C)
-    final_state = _empty((bsz, channels, k - 1), x, x.dtype)  # (B, C, K-1)
+    y = backend.empty_output((bsz, seqlen, channels), x, x.dtype)  # (B, L, C)
+    final_state = backend.empty_output((bsz, channels, k - 1), x, x.dtype)  # (B, C, K-1)
     # Absent tensors are replaced by x with zero strides: the HAS_* flags keep them unread.
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
@@ -709,19 +678,15 @@ def _conv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     bsz, seqlen, channels = x.shape
     k = weight.shape[1]
-    dx = _empty((bsz, seqlen, channels), x, x.dtype)  # (B, L, C)
-    dinit = (
-        _empty(initial_state.shape, x, initial_state.dtype) if initial_state is not None else None
-    )  # (B, C, K-1)
-    name = os.environ.get("LIT_MATMAMBA_CONV_BWD", _BWD_VARIANT)  # benchmarks A/B variants through it
-    if name not in _BWD_VARIANTS:
-        raise ValueError(f"LIT_MATMAMBA_CONV_BWD={name!r}: not one of {sorted(_BWD_VARIANTS)}")
-    variant = _BWD_VARIANTS[name]
+    dx = backend.empty_output((bsz, seqlen, channels), x, x.dtype)  # (B, L, C)
+    dinit = None
+    if initial_state is not None:
+        dinit = backend.empty_output(initial_state.shape, x, initial_state.dtype)  # (B, C, K-1)
     # Runs of _BWD_CHUNK steps, shorter when the sequence does not fill the R rows of one program.
     chunk = max(1, min(_BWD_CHUNK, triton.cdiv(seqlen, _BWD_ROWS)))
     n_time_programs = triton.cdiv(seqlen, _BWD_ROWS * chunk)
-    dw_part = _empty((bsz, n_time_programs, k, channels), x, torch.float32)
-    db_part = _empty((bsz, n_time_programs, channels), x, torch.float32)
+    dw_part = backend.empty_output((bsz, n_time_programs, k, channels), x, torch.float32)
+    db_part = backend.empty_output((bsz, n_time_programs, channels), x, torch.float32)
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     dinit_ = dinit if dinit is not None else dx
@@ -758,9 +723,8 @@ def _conv_bwd(
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None,
         ACTIVATION=activation,
-        PREFETCH=variant["prefetch"],
-        UNROLL=variant["unroll"],
-        STAGES=variant["stages"],
+        UNROLL=_BWD_UNROLL,
+        STAGES=_BWD_STAGES,
         num_warps=_BWD_WARPS,
     )
     dweight = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)  # (C, K)
@@ -815,3 +779,100 @@ def causal_conv1d_triton(
             f"initial_state must be ({bsz}, {channels}, {k - 1}), got {tuple(initial_state.shape)}"
         )
     return _CausalConv1dFn.apply(x, weight, bias, initial_state, activation)
+
+
+# One decoding step ---------------------------------------------------------------------------
+# A step touches B x C channels once each, so it is a single pass over x and the state; what it
+# saves over the reference's cat / multiply / sum / bias / SiLU / slice is launches (five kernels
+# and a new state tensor a layer, for a decoding step that is launch-bound at small widths).
+_STEP_BLOCK_C = 256
+_STEP_WARPS = 4
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    channels,
+    stride_xb,
+    stride_xc,
+    stride_sb,
+    stride_sc,
+    stride_sk,
+    stride_wc,
+    stride_wk,
+    stride_bias,
+    stride_yb,
+    stride_yc,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = c < channels
+    x = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=mask, other=0.0)
+    w_last = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    # The state is read as x's dtype, as the reference concatenates it with x.
+    acc = w_last * x.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c * stride_bias, mask=mask, other=0.0).to(tl.float32)
+    state_row = state_ptr + b * stride_sb + c * stride_sc
+    for k in tl.static_range(K - 1):
+        s = tl.load(state_row + k * stride_sk, mask=mask, other=0.0)
+        w = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        acc += w * s.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if k > 0:  # shift the window left by one: column k moves to k-1 (already read)
+            tl.store(state_row + (k - 1) * stride_sk, s, mask=mask)
+    tl.store(state_row + (K - 2) * stride_sk, x.to(state_ptr.dtype.element_ty), mask=mask)
+    if ACTIVATION:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * stride_yb + c * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def causal_conv1d_step_triton(
+    x: torch.Tensor,
+    state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `causal_conv1d_step_ref` that updates `state` in place: x (B, C), state (B, C, K-1)
+    -> y (B, C) in x's dtype, and `state` itself, now holding the last K-1 inputs (in its own
+    dtype). Any strides; accumulates in float32; K in 2..4. No autograd (decoding only)."""
+    bsz, channels = x.shape
+    k = weight.shape[-1]
+    if weight.shape != (channels, k) or not _MIN_K <= k <= _MAX_K:
+        raise ValueError(
+            f"weight must be (C={channels}, K) with K in {_MIN_K}..{_MAX_K}, got {tuple(weight.shape)}"
+        )
+    if state.shape != (bsz, channels, k - 1):
+        raise ValueError(f"state must be ({bsz}, {channels}, {k - 1}), got {tuple(state.shape)}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"bias must be ({channels},), got {tuple(bias.shape)}")
+    y = backend.empty_output((bsz, channels), x, x.dtype)  # (B, C)
+    block_c = min(_STEP_BLOCK_C, triton.next_power_of_2(channels))
+    grid = (bsz, triton.cdiv(channels, block_c))
+    _conv_step_kernel[grid](
+        x,
+        state,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        channels,
+        *x.stride(),
+        *state.stride(),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        K=k,
+        BLOCK_C=block_c,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=activation,
+        num_warps=_STEP_WARPS,
+    )
+    return y, state

@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..backend import empty_output as _empty
+from .. import backend
 
 # Elements of the vocabulary a program holds at a time, with 8 warps: 16 per thread (two 16-byte
 # loads of bf16), enough loads in flight with several programs per SM; a vocabulary of 50288 takes
-# 13 blocks. Not tuned on a GPU yet (scripts/gpu_kernel_check.py --ops ce times it).
+# 13 blocks. Not tuned on a GPU; the kernel benchmark (`lit_matmamba.bench.kernels`, op ce) times it.
 _BLOCK_V = 4096
 _NUM_WARPS = 8
 
@@ -124,8 +124,8 @@ def _launch_params(vocab: int, block_v: int | None) -> tuple[int, int]:
 def _fwd(logits, target, ignore_index, block_v):
     rows, vocab = logits.shape
     acc_dtype = torch.promote_types(torch.float32, logits.dtype)
-    lse = _empty((rows,), logits, acc_dtype)  # (N,)
-    losses = _empty((rows,), logits, acc_dtype)  # (N,), 0 for ignored rows
+    lse = backend.empty_output((rows,), logits, acc_dtype)  # (N,)
+    losses = backend.empty_output((rows,), logits, acc_dtype)  # (N,), 0 for ignored rows
     if rows:
         block, warps = _launch_params(vocab, block_v)
         _ce_fwd_kernel[(rows,)](
@@ -146,7 +146,7 @@ def _fwd(logits, target, ignore_index, block_v):
 def _bwd(logits, target, lse, count, dout, ignore_index, block_v):
     """dlogits (N, V); dout () with the mean's count (), or (N,) with count None."""
     rows, vocab = logits.shape
-    dlogits = _empty((rows, vocab), logits, logits.dtype)  # (N, V)
+    dlogits = backend.empty_output((rows, vocab), logits, logits.dtype)  # (N, V)
     if rows:
         block, warps = _launch_params(vocab, block_v)
         _ce_bwd_kernel[(rows,)](

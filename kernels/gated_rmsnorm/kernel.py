@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import empty_output as _empty
+from .. import backend
 from ..partial_sums import sum_rows
 
 # One group must fit in one program's registers; 64 KiB of input per row, like mamba-ssm's kernel.
@@ -175,8 +175,8 @@ def _norm_fwd(x, z, weight, eps, group_size, gate_in, gate_out):
     rows, channels = x.shape
     ngroups = channels // group_size
     block_n, num_warps = _block_and_warps(group_size, x)
-    y = _empty((rows, channels), x, x.dtype)  # (M, d)
-    rstd = _empty((ngroups, rows), x, torch.float32)  # (G, M)
+    y = backend.empty_output((rows, channels), x, x.dtype)  # (M, d)
+    rstd = backend.empty_output((ngroups, rows), x, torch.float32)  # (G, M)
     z3 = _heads(z, x)  # (M, h, P)
     _norm_fwd_kernel[(rows, ngroups)](
         x,
@@ -206,12 +206,12 @@ def _norm_bwd(x, z, weight, rstd, dy, group_size, gate_in, gate_out, need_dz, dz
     rows, channels = x.shape
     ngroups = channels // group_size
     block_n, num_warps = _block_and_warps(group_size, x)
-    dx = _empty((rows, channels), x, x.dtype)  # (M, d)
+    dx = backend.empty_output((rows, channels), x, x.dtype)  # (M, d)
     if need_dz and dz is None:
-        dz = _empty(z.shape, x, z.dtype)
+        dz = backend.empty_output(z.shape, x, z.dtype)
     n_programs = _backward_programs(rows, ngroups, x.device)
     rows_per_program = math.ceil(rows / n_programs)
-    dw_part = _empty((n_programs, channels), x, torch.float32)
+    dw_part = backend.empty_output((n_programs, channels), x, torch.float32)
     z3 = _heads(z, x)  # (M, h, P)
     dz3 = _heads(dz, x) if need_dz else z3
     _norm_bwd_kernel[(n_programs, ngroups)](

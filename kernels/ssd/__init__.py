@@ -135,6 +135,32 @@ def ssd_step(
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = True,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent decoding step (see `ssd_step_ref`)."""
+    """One recurrent decoding step (see `ssd_step_ref` for shapes): y and the new state.
+
+    The GPU path is mamba-ssm's Triton `selective_state_update` (what stock Mamba2 decodes with),
+    one kernel that reads and writes the state once and updates `state` in place (the state
+    returned is `state` itself); the reference returns a new tensor. Either way, use the state
+    returned. A, dt, D and dt_bias are per head: the kernel reads them broadcast over the head dim
+    (zero strides, its tied-head-dim path).
+    """
+    if use_triton(backend, x) and (backend == "triton" or _mamba_ssm_installed()):
+        from ..mamba_ssm_compat import get_selective_state_update
+
+        k, P, N = state.shape[1:]
+        if dt_bias is None:  # the kernel's tied-head-dim path reads dt_bias's strides
+            dt_bias = dt.new_zeros(k)
+        y = get_selective_state_update()(
+            state,
+            x,
+            dt.unsqueeze(-1).expand(-1, k, P),
+            A[:, None, None].expand(k, P, N),
+            B,
+            C,
+            D=None if D is None else D[:, None].expand(k, P),
+            dt_bias=dt_bias[:, None].expand(k, P),
+            dt_softplus=dt_softplus,
+        )  # (b, k, P); state updated in place
+        return y, state
     return ssd_step_ref(x, dt, A, B, C, state, D, dt_bias, dt_softplus)

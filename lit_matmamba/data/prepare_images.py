@@ -6,8 +6,8 @@ Input layout (ImageNet's, after the usual val re-foldering)::
 
 Output layout::
 
-    <out>/index.json
-    <out>/<split>-00000.tar, <split>-00001.tar, ...
+    <output_dir>/index.json
+    <output_dir>/<split>-00000.tar, <split>-00001.tar, ...
 
 Each sample of a shard is two tar members: ``<key>.<ext>``, the original encoded image bytes
 (``ext`` is the format found by decoding, so a PNG named ``.JPEG`` is stored as ``.png``), and
@@ -27,6 +27,7 @@ with a small shuffle buffer then gives well-mixed batches.
           "num_samples": 1281167,
           "shards": ["train-00000.tar", ...],     # relative to the index's location
           "counts": [1000, ...],                  # samples per shard, same order
+          "sha256": ["9f86d0...", ...],           # of each shard file, same order
           "class_counts": [1300, ...],            # samples per class, class-index order
           "skipped": ["train/n0.../x.JPEG", ...]  # unreadable inputs left out (see below)
         },
@@ -35,19 +36,24 @@ with a small shuffle buffer then gives well-mixed batches.
     }
 
 Unreadable images: an input that Pillow cannot fully decode is left out of the shards with a
-warning naming it, and listed under ``skipped``; ``strict=True`` (``--strict``) makes it an
+warning naming it, and listed under ``skipped``; ``strict=True`` (``--strict true``) makes it an
 error instead. Leaving a sample out removes its image and its label together, so no image ever
 gets another one's label. Readers (``iter_shard``, the DataModule) treat an undecodable image or
 a shard that disagrees with the index as an error naming the shard.
 
-Writing is atomic: everything goes into a temporary folder next to ``out``, renamed into place at
-the end, so an interrupted run leaves nothing behind. Re-running on the same tree gives
+Damaged shards: each shard is checked against its ``sha256`` the first time a reader (each data
+loader worker, ``verify``) opens it, with an error naming the shard (see
+:func:`~lit_matmamba.data.shards.open_checked`). An index without ``sha256`` (written by an older
+lit-matmamba) is still read, with a warning that its shards cannot be checked.
+
+Writing is atomic: everything goes into a temporary folder next to ``output_dir``, renamed into
+place at the end, so an interrupted or terminated run leaves nothing behind, and the next run
+removes what a killed one left (see :func:`~lit_matmamba.data.shards.publishing`). Re-running on the same tree gives
 byte-identical files (sorted inputs, seeded shuffle, fixed tar metadata).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import itertools
@@ -55,38 +61,42 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
 import sys
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from lit_matmamba.data.shards import (
+    INDEX_NAME,
+    ShardError,
+    add_member,
+    file_sha256,
+    listing,
+    locate,
+    open_checked,
+    open_shard,
+    publishing,
+    read_index,
+    shard_name,
+    warn_unverifiable,
+)
 
 INDEX_FORMAT = "lit-matmamba-image-shards"
 INDEX_VERSION = 1
-INDEX_NAME = "index.json"
 DEFAULT_SPLITS = ("train", "val", "test")
 # File suffixes taken as images when scanning a folder (others, e.g. README or .DS_Store, are ignored).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 # Tar member suffixes taken as the image of a sample when reading shards (also ones made elsewhere).
 _SHARD_IMAGE_EXTS = frozenset(s.lstrip(".") for s in IMAGE_SUFFIXES) | {"img"}
-# Fixed tar metadata so that re-running gives byte-identical shards.
-_TAR_MTIME = 0
-_TAR_MODE = 0o644
-# How many skipped file names a warning lists before "and N more".
-_WARN_LIST = 10
 
 
 class UnreadableImageError(ValueError):
     """An image that cannot be decoded; the message names it."""
-
-
-class ShardError(ValueError):
-    """Shards that disagree with their index.json, or cannot be read; the message names the shard."""
 
 
 # --------------------------------------------------------------------------- decoding
@@ -150,7 +160,7 @@ def scan_image_folder(
         class_names = list(class_names)
         unknown = sorted(set(found) - set(class_names))
         if unknown:
-            raise ValueError(f"{root}: class folders not in the given class names: {unknown[:_WARN_LIST]}")
+            raise ValueError(f"{root}: class folders not in the given class names: {listing(unknown)}")
     if not class_names:
         raise ValueError(f"{root}: no class folders in {', '.join(str(d) for d in split_dirs.values())}")
     index_of = {name: i for i, name in enumerate(class_names)}
@@ -203,18 +213,8 @@ def _try_load(
         return exn
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = _TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shards(
-    out: str | os.PathLike,
+    output_dir: str | os.PathLike,
     class_names: Sequence[str],
     splits: Mapping[str, Sequence[tuple[str, int]]],
     load: Callable[[str], tuple[bytes, str]],
@@ -225,17 +225,14 @@ def write_shards(
     num_workers: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """Writes ``splits`` (per split: ``(source, class index)``) as shards plus index.json into ``out``.
+    """Writes ``splits`` (per split: ``(source, class index)``) as shards plus index.json into ``output_dir``.
 
     ``load(source)`` returns ``(encoded image bytes, tar suffix)`` or raises
     ``UnreadableImageError``; with ``num_workers > 0`` it runs in a process pool and must be
-    picklable. Atomic (temporary folder next to ``out``, renamed at the end); returns the index.
+    picklable. Atomic (see :func:`~lit_matmamba.data.shards.publishing`); returns the index.
     """
-    out = Path(out)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     for split, items in splits.items():
         if not items:
             raise ValueError(f"split {split!r} is empty")
@@ -243,42 +240,36 @@ def write_shards(
         if bad:
             raise ValueError(f"split {split!r}: class indices {bad} outside 0..{len(class_names) - 1}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    # fork where it is safe (Linux): spawned workers would first re-import the package, torch included.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = context.Pool(num_workers) if num_workers > 0 else None
-    try:
-        index = {
-            "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
-            "class_names": list(class_names),
-            "splits": {},
-        }
-        for split, items in splits.items():
-            order = list(items)
-            random.Random(seed).shuffle(order)
-            fetch = functools.partial(_try_load, load)
-            results = (
-                pool.imap(fetch, [s for s, _ in order], chunksize=64)
-                if pool
-                else map(fetch, (s for s, _ in order))
-            )
-            progress = tqdm(
-                zip(order, results), total=len(order), desc=f"packing {split}", unit="img", disable=None
-            )
-            index["splits"][split] = _write_split(
-                tmp, split, progress, len(class_names), samples_per_shard, strict
-            )
+    with publishing(output_dir, overwrite) as tmp:
+        # fork where it is safe (Linux): spawned workers would first re-import the package, torch included.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = context.Pool(num_workers) if num_workers > 0 else None
+        try:
+            index = {
+                "format": INDEX_FORMAT,
+                "version": INDEX_VERSION,
+                "class_names": list(class_names),
+                "splits": {},
+            }
+            for split, items in splits.items():
+                order = list(items)
+                random.Random(seed).shuffle(order)
+                fetch = functools.partial(_try_load, load)
+                results = (
+                    pool.imap(fetch, [s for s, _ in order], chunksize=64)
+                    if pool
+                    else map(fetch, (s for s, _ in order))
+                )
+                progress = tqdm(
+                    zip(order, results), total=len(order), desc=f"packing {split}", unit="img", disable=None
+                )
+                index["splits"][split] = _write_split(
+                    tmp, split, progress, len(class_names), samples_per_shard, strict
+                )
+        finally:
+            if pool is not None:
+                pool.terminate()
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should not be
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
     return index
 
 
@@ -292,6 +283,7 @@ def _write_split(
 ) -> dict:
     shards: list[str] = []
     counts: list[int] = []
+    checksums: list[str] = []
     class_counts = [0] * num_classes
     skipped: list[str] = []
 
@@ -306,46 +298,34 @@ def _write_split(
 
     samples = kept()
     while chunk := list(itertools.islice(samples, samples_per_shard)):
-        shards.append(f"{split}-{len(shards):05d}.tar")
-        with tarfile.open(tmp / shards[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+        shards.append(shard_name(split, len(shards)))
+        with open_shard(tmp / shards[-1]) as tar:
             for position, (data, ext, cls) in enumerate(chunk, start=sum(counts)):
                 key = f"{split}-{position:08d}"
-                _add_member(tar, f"{key}.{ext}", data)
-                _add_member(tar, f"{key}.cls", str(cls).encode())
+                add_member(tar, f"{key}.{ext}", data)
+                add_member(tar, f"{key}.cls", str(cls).encode())
                 class_counts[cls] += 1
         counts.append(len(chunk))
+        checksums.append(file_sha256(tmp / shards[-1]))
     if skipped:
-        listed = ", ".join(skipped[:_WARN_LIST]) + (
-            f" and {len(skipped) - _WARN_LIST} more" if len(skipped) > _WARN_LIST else ""
+        warnings.warn(
+            f"split {split!r}: skipped {len(skipped)} unreadable image(s): {listing(skipped)}", stacklevel=3
         )
-        warnings.warn(f"split {split!r}: skipped {len(skipped)} unreadable image(s): {listed}", stacklevel=3)
     if not counts:
         raise ValueError(f"split {split!r}: no readable image left")
     return {
         "num_samples": sum(counts),
         "shards": shards,
         "counts": counts,
+        "sha256": checksums,
         "class_counts": class_counts,
         "skipped": skipped,
     }
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if overwrite and out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-        return
-    try:
-        os.rename(tmp, out)
-    except OSError as exn:  # someone else published `out` while we were writing
-        raise FileExistsError(f"{out} appeared while writing it: {exn}") from exn
-
-
 def prepare_images(
     src: str | os.PathLike,
-    out: str | os.PathLike,
+    output_dir: str | os.PathLike,
     *,
     splits: Sequence[str] = DEFAULT_SPLITS,
     class_names: Sequence[str] | None = None,
@@ -354,22 +334,30 @@ def prepare_images(
     strict: bool = False,
     num_workers: int = 0,
     overwrite: bool = False,
+    verify: bool = False,
 ) -> dict:
-    """Packs ``src/<split>/<class>/...`` into ``out/<split>-NNNNN.tar`` shards plus ``out/index.json``.
+    """Pack an image-folder tree ``src/<split>/<class>/<file>`` (ImageNet layout) into WebDataset shards.
+
+    Writes ``output_dir/<split>-NNNNN.tar`` and ``output_dir/index.json``, which
+    ``ImageDataModule(data_dir=output_dir)`` reads. Each split is shuffled (seeded) before sharding,
+    so every shard mixes all classes. Images that do not decode are left out with a warning and
+    listed in index.json. The output is written atomically and is a function of the tree and
+    ``seed`` only: re-running gives byte-identical files.
 
     Args:
         src: Root of the image-folder tree.
-        out: Output folder (must not exist unless ``overwrite``).
+        output_dir: Output folder; must not exist unless ``overwrite``.
         splits: Split folders to pack, those that exist under ``src``.
         class_names: Class order (index i = class_names[i]); default: sorted class folder names.
         samples_per_shard: Samples per shard (the last shard of a split may hold fewer).
         seed: Seed of the shuffle applied to each split before sharding.
-        strict: Fail on the first unreadable image instead of skipping it with a warning.
+        strict: Fail on the first unreadable image instead of leaving it out.
         num_workers: Processes that read and check images (0: in this process).
-        overwrite: Replace ``out`` if it exists.
+        overwrite: Replace ``output_dir`` if it exists (the old one stays until the new one is complete).
+        verify: Read the written shards back and check them against index.json.
 
     Returns:
-        The index written to ``out/index.json``.
+        The index written to ``output_dir/index.json``.
     """
     root = Path(src)
     class_names, samples = scan_image_folder(root, splits, class_names)
@@ -379,10 +367,10 @@ def prepare_images(
             totals[cls] += 1
     empty = [name for name, n in zip(class_names, totals) if n == 0]
     if empty:
-        raise ValueError(f"{root}: class folder(s) without images: {empty[:_WARN_LIST]}")
+        raise ValueError(f"{root}: class folder(s) without images: {listing(empty)}")
     load = functools.partial(_read_checked, root.resolve())
-    return write_shards(
-        out,
+    index = write_shards(
+        output_dir,
         class_names,
         samples,
         load,
@@ -392,52 +380,30 @@ def prepare_images(
         num_workers=num_workers,
         overwrite=overwrite,
     )
+    if verify:
+        verify_shards(output_dir)
+    return index
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def is_url(location: str) -> bool:
-    """Whether ``location`` is a URL for webdataset's gopen (http://, s3:// via pipe:, ...) rather than a path."""
-    return "://" in location or location.startswith("pipe:")
-
-
-def index_location(location: str | os.PathLike) -> str:
-    """The index.json of a shard folder, given the folder (path or URL) or the index itself."""
-    location = os.fspath(location)
-    if location.endswith(".json"):
-        return location
-    return f"{location.rstrip('/')}/{INDEX_NAME}" if is_url(location) else str(Path(location) / INDEX_NAME)
-
-
-def shard_location(index_loc: str, shard: str) -> str:
-    """Where a shard listed in the index at ``index_loc`` lives (shards sit next to their index)."""
-    if is_url(index_loc):
-        return f"{index_loc.rsplit('/', 1)[0]}/{shard}"
-    return str(Path(index_loc).parent / shard)
-
-
 def load_index(location: str | os.PathLike) -> tuple[dict, str]:
-    """Reads and checks the index.json of a shard folder (path or URL). Returns ``(index, where)``."""
-    import webdataset
+    """Reads and checks the index of a shard folder (see :func:`~lit_matmamba.data.shards.locate`).
 
-    where = index_location(location)
-    try:
-        with webdataset.gopen(where, "rb") as stream:
-            index = json.loads(stream.read())
-    except (OSError, ValueError) as exn:
-        raise ShardError(f"{where}: cannot read shard index ({exn})") from exn
-    if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
-        raise ShardError(
-            f"{where}: not a v{INDEX_VERSION} {INDEX_FORMAT} index "
-            f"(format={index.get('format')!r}, version={index.get('version')!r})"
-        )
+    Returns ``(index, where it was read)``.
+    """
+    index, where = read_index(
+        location, INDEX_FORMAT, INDEX_VERSION, made_by="python main.py prepare images pack"
+    )
     try:
         num_classes = len(index["class_names"])
         for split, entry in index["splits"].items():
             problems = []
             if len(entry["shards"]) != len(entry["counts"]):
                 problems.append(f"{len(entry['shards'])} shards but {len(entry['counts'])} counts")
+            if "sha256" in entry and len(entry["sha256"]) != len(entry["shards"]):
+                problems.append(f"{len(entry['shards'])} shards but {len(entry['sha256'])} sha256")
             if len(entry["class_counts"]) != num_classes:
                 problems.append(f"{len(entry['class_counts'])} class counts for {num_classes} classes")
             if not sum(entry["counts"]) == sum(entry["class_counts"]) == entry["num_samples"]:
@@ -452,19 +418,35 @@ def load_index(location: str | os.PathLike) -> tuple[dict, str]:
     return index, where
 
 
-def iter_shard(url: str, expected: int, num_classes: int) -> Iterator[tuple[str, bytes, int]]:
+def shard_checksums(index: dict, split: str) -> list[str | None]:
+    """The sha256 of each shard of ``split`` (None for each in an index written without them)."""
+    entry = index["splits"][split]
+    return entry.get("sha256") or [None] * len(entry["shards"])
+
+
+def has_checksums(index: dict) -> bool:
+    """Whether the index lists the sha256 of every shard (indexes of older versions do not)."""
+    return all("sha256" in entry for entry in index["splits"].values())
+
+
+def iter_shard(
+    url: str,
+    expected: int,
+    num_classes: int,
+    sha256: str | None = None,
+    verified: set[str] | None = None,
+) -> Iterator[tuple[str, bytes, int]]:
     """Yields ``(key, encoded image, class index)`` for each sample of one shard, in order.
 
-    Raises ``ShardError`` naming the shard when it cannot be opened, a sample lacks its image or
-    class, a class index is out of range, or (when read to the end) the shard does not hold the
-    ``expected`` number of samples.
+    Raises ``ShardError`` naming the shard when it cannot be opened, its bytes do not have the
+    ``sha256`` of the index (checked unless ``url`` is in ``verified``, see
+    :func:`~lit_matmamba.data.shards.open_checked`), a sample lacks its image or class, a class
+    index is out of range, or (when read to the end) the shard does not hold the ``expected``
+    number of samples.
     """
-    import webdataset
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
     count = 0
     try:
-        with webdataset.gopen(url, "rb") as stream:
+        with open_checked(url, sha256, set() if verified is None else verified) as stream:
             key, parts = None, {}
             for member in tar_file_iterator(stream):
                 member_key, suffix = base_plus_ext(member["fname"])
@@ -477,6 +459,7 @@ def iter_shard(url: str, expected: int, num_classes: int) -> Iterator[tuple[str,
             if key is not None:
                 yield _sample(url, key, parts, num_classes)
                 count += 1
+            stream.finish()
     except (tarfile.TarError, OSError) as exn:
         raise ShardError(f"{url}: cannot read shard ({exn})") from exn
     if count != expected:
@@ -499,12 +482,20 @@ def _sample(url: str, key: str, parts: dict[str, bytes], num_classes: int) -> tu
 def verify_shards(
     location: str | os.PathLike, splits: Sequence[str] | None = None, decode: bool = False
 ) -> dict:
-    """Reads every shard of ``splits`` (default: all) and checks it against index.json.
+    """Read every shard of a shard folder back and check it against its index.json.
 
-    Checks per-shard counts, per-class counts, class range and key uniqueness, and with
-    ``decode`` that every image decodes. Raises ``ShardError`` listing the problems; returns the index.
+    Checks each shard's sha256, per-shard counts, per-class counts, class range and key
+    uniqueness, and with ``decode`` that every image decodes. Raises ``ShardError`` listing the problems; returns the index.
+
+    Args:
+        location: Shard folder, its index.json, or a URL to either (see ``data_dir`` of ImageDataModule).
+        splits: Splits to check; default all.
+        decode: Also decode every image.
     """
     index, where = load_index(location)
+    if not has_checksums(index):
+        warn_unverifiable(where, "python main.py prepare images pack")
+    shard_path = locate(location)
     num_classes = len(index["class_names"])
     problems = []
     for split in splits or list(index["splits"]):
@@ -513,10 +504,10 @@ def verify_shards(
         entry = index["splits"][split]
         class_counts = [0] * num_classes
         keys: set[str] = set()
-        for shard, expected in zip(entry["shards"], entry["counts"]):
-            url = shard_location(where, shard)
+        for shard, expected, sha256 in zip(entry["shards"], entry["counts"], shard_checksums(index, split)):
+            url = shard_path(shard)
             try:
-                for key, data, cls in iter_shard(url, expected, num_classes):
+                for key, data, cls in iter_shard(url, expected, num_classes, sha256):
                     if key in keys:
                         problems.append(f"{url}: duplicate key {key!r}")
                     keys.add(key)
@@ -531,114 +522,7 @@ def verify_shards(
                 for i, (got, want) in enumerate(zip(class_counts, entry["class_counts"]))
                 if got != want
             ]
-            problems.append(
-                f"split {split!r}: class counts differ from the index: {', '.join(diff[:_WARN_LIST])}"
-            )
+            problems.append(f"split {split!r}: class counts differ from the index: {listing(diff)}")
     if problems:
         raise ShardError(f"{where}: shards do not match the index:\n  " + "\n  ".join(problems))
     return index
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli(argv: Sequence[str] | None = None, prog: str = "python -m lit_matmamba.data.prepare_images") -> int:
-    """Command line: ``pack`` a folder tree, ``verify`` shards, or build the ``fashion-mnist`` default."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Image data for lit-matmamba. 'pack' turns an image-folder tree <src>/<split>/<class>/<file> "
-            "(ImageNet layout) into WebDataset shards <out>/<split>-NNNNN.tar plus <out>/index.json, which "
-            "ImageDataModule(data_dir=<out>) reads. 'verify' reads shards back and checks them against "
-            "index.json. 'fashion-mnist' builds the offline default data set (from the Debian package)."
-        ),
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    pack = commands.add_parser(
-        "pack",
-        help="pack an image-folder tree into shards",
-        description="Pack <src>/<split>/<class>/<file> into <out>/<split>-NNNNN.tar + <out>/index.json. "
-        "Unreadable images are skipped with a warning and listed in index.json (--strict: fail instead). "
-        "Atomic and deterministic: re-running gives identical files.",
-    )
-    pack.add_argument("src", help="root of the image-folder tree")
-    pack.add_argument("out", help="output folder (created; must not exist unless --overwrite)")
-    pack.add_argument(
-        "--splits",
-        nargs="+",
-        default=list(DEFAULT_SPLITS),
-        help="split folders to pack, if present (default: %(default)s)",
-    )
-    pack.add_argument(
-        "--samples-per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)"
-    )
-    pack.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the per-split shuffle before sharding (default: %(default)s)",
-    )
-    pack.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="processes reading and checking images (default: %(default)s = in-process)",
-    )
-    pack.add_argument(
-        "--strict", action="store_true", help="fail on the first unreadable image instead of skipping it"
-    )
-    pack.add_argument("--overwrite", action="store_true", help="replace <out> if it exists")
-    pack.add_argument(
-        "--verify", action="store_true", help="read the written shards back and check them against index.json"
-    )
-
-    verify = commands.add_parser(
-        "verify", help="check shards against their index.json", description=verify_shards.__doc__
-    )
-    verify.add_argument("location", help="shard folder, its index.json, or a URL to either")
-    verify.add_argument("--splits", nargs="+", default=None, help="splits to check (default: all)")
-    verify.add_argument("--decode", action="store_true", help="also decode every image")
-
-    fmnist = commands.add_parser(
-        "fashion-mnist",
-        help="build the offline default data set (Fashion-MNIST from Debian's dataset-fashion-mnist)",
-        description="Fetch Fashion-MNIST from the Debian package dataset-fashion-mnist (apt-get download, no "
-        "install), carve val from the last 5000 train images, and pack train/val/test into <data-dir>/fashion-mnist.",
-    )
-    fmnist.add_argument("--data-dir", default=None, help="cache root (default: $LIT_MATMAMBA_DATA or ./data)")
-
-    args = parser.parse_args(argv)
-    if args.command == "pack":
-        index = prepare_images(
-            args.src,
-            args.out,
-            splits=args.splits,
-            samples_per_shard=args.samples_per_shard,
-            seed=args.seed,
-            strict=args.strict,
-            num_workers=args.workers,
-            overwrite=args.overwrite,
-        )
-        if args.verify:
-            verify_shards(args.out)
-        _print_summary(args.out, index)
-    elif args.command == "verify":
-        _print_summary(args.location, verify_shards(args.location, args.splits, decode=args.decode))
-    else:
-        from lit_matmamba.data.fashion_mnist import ensure_fashion_mnist
-
-        out = ensure_fashion_mnist(args.data_dir)
-        _print_summary(out, load_index(out)[0])
-    return 0
-
-
-def _print_summary(location: str | os.PathLike, index: dict) -> None:
-    print(f"{location}: {len(index['class_names'])} classes")
-    for split, entry in index["splits"].items():
-        skipped = f", {len(entry['skipped'])} skipped" if entry["skipped"] else ""
-        print(f"  {split}: {entry['num_samples']} samples in {len(entry['shards'])} shards{skipped}")
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -2,7 +2,7 @@
 
 Example (command line; ``--help`` explains every option)::
 
-    python -m lit_matmamba.data.prepare_text --output_dir data/fineweb-neox \\
+    python main.py prepare text --output_dir data/fineweb-neox \\
         --tokenizer gpt-neox/tokenizer.json --train 'fineweb/*.parquet' --val_fraction 0.001
 
 Output directory layout::
@@ -20,7 +20,7 @@ Output directory layout::
     {"format": "lit-matmamba-tokens", "version": 1,
      "tokenizer": {"file": "tokenizer.json", "source": <path given>, "sha256": <of tokenizer.json>},
      "vocab_size": int, "eos_token": str, "eos_id": int, "dtype": "uint16" | "uint32", "seq_len": int,
-     "splits": {<split>: {"shards": [{"name": "train-00000.tar", "sequences": int}, ...],
+     "splits": {<split>: {"shards": [{"name": "train-00000.tar", "sequences": int, "sha256": str}, ...],
                           "sequences": int, "tokens": int, "text_bytes": int, "documents": int,
                           "dropped_tokens": int, "inputs": [str, ...]}}}
 
@@ -28,23 +28,22 @@ Output directory layout::
 ``text_bytes`` the number of UTF-8 bytes of text that produced them, so bits per byte is
 ``loss_nats / ln 2 * tokens / text_bytes``. The token stream of a split is cut into sequences without
 padding; its last ``dropped_tokens`` (< ``seq_len``) tokens are not stored and their text is not counted.
+``sha256`` is that of the shard file; readers check it the first time they open a shard. Indexes written
+before it was recorded have none and are still read, with a warning that their shards cannot be checked.
 """
 
 from __future__ import annotations
 
-import argparse
+import codecs
 import glob
 import gzip
 import hashlib
-import inspect
 import io
 import itertools
 import json
-import os
 import shutil
-import sys
 import tarfile
-import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,12 +53,15 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lit_matmamba.data.tokenizer import EOS_TOKEN, file_sha256, load_tokenizer
+from lit_matmamba.data.shards import INDEX_NAME, add_member, file_sha256, open_shard, publishing, shard_name
+from lit_matmamba.data.tokenizer import EOS_TOKEN, load_tokenizer
 
 FORMAT_NAME = "lit-matmamba-tokens"
 FORMAT_VERSION = 1
 INPUT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 SPLITS = ("train", "val", "test")
+# Bytes of each text input checked before any tokenizing: enough to tell a binary file from text.
+_SNIFF_BYTES = 1 << 16
 # Documents are tokenized in groups so that `tokenizers` can use all cores.
 _ENCODE_GROUP_DOCS = 512
 _ENCODE_GROUP_CHARS = 8 << 20
@@ -89,8 +91,18 @@ def prepare_text(
     field ``text_field``), ``.parquet`` (column ``text_field``, e.g. FineWeb; needs pyarrow), and
     ``.txt.gz``/``.jsonl.gz``. An input may be a file, a directory (all such files below it, sorted) or a
     glob pattern. Output is written to a temporary directory next to ``output_dir`` and renamed into
-    place at the end, so ``output_dir`` is complete or absent, and the same inputs always give
-    byte-identical shards.
+    place at the end, so ``output_dir`` is complete or absent (an error, Ctrl-C or SIGTERM removes
+    the temporary directory; one left by a killed run is removed by the next run), and the same
+    inputs always give byte-identical shards; index.json lists the sha256 of each shard, which
+    readers check.
+
+    Inputs that are not text fail before any tokenizing, with an error naming the file: a
+    ``.txt``/``.jsonl`` file whose first 64 KiB hold a NUL byte or are not UTF-8, a ``.gz`` that is
+    not gzip, a ``.parquet`` that pyarrow cannot open or that lacks the text column. Past the first
+    64 KiB, a NUL byte in a ``.txt`` file (in a ``.jsonl`` line it is invalid JSON), invalid UTF-8 or
+    a damaged ``.gz`` fails when the file is reached. A file is never skipped: the shards hold
+    exactly the inputs named. (A NUL character written as ``\\u0000`` in JSON, or inside a parquet
+    string, is data and is kept.)
 
     Args:
         output_dir: Directory to create: shards, index.json and a copy of the tokenizer.
@@ -123,16 +135,14 @@ def prepare_text(
     for name, inputs, fraction in (("val", val, val_fraction), ("test", test, test_fraction)):
         if inputs and fraction > 0:
             raise ValueError(f"give either {name} inputs or {name}_fraction, not both")
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already exists: pass overwrite=True (--overwrite true) to replace it"
-        )
 
     sources = {"train": _expand_inputs(train, "train")}
     if val:
         sources["val"] = _expand_inputs(val, "val")
     if test:
         sources["test"] = _expand_inputs(test, "test")
+    for path in dict.fromkeys(p for paths in sources.values() for p in paths):
+        check_input(path, text_field)
     splits = [
         s for s in SPLITS if s in sources or (s == "val" and val_fraction) or (s == "test" and test_fraction)
     ]
@@ -150,10 +160,7 @@ def prepare_text(
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
-    # A unique hidden sibling, made with mkdir so that the final directory gets the usual permissions.
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
-    try:
+    with publishing(output_dir, overwrite) as tmp:
         writers = {s: _SplitWriter(tmp, s, seq_len, sequences_per_shard, dtype, eos_id) for s in splits}
         with tqdm(desc="tokenizing", unit=" docs", disable=not progress) as bar:
             for source, paths in sources.items():
@@ -191,11 +198,7 @@ def prepare_text(
             "seq_len": seq_len,
             "splits": entries,
         }
-        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-        _move_into_place(tmp, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
 
 
@@ -209,6 +212,8 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
         elif kind in (".txt", ".txt.gz"):
             with _open_text(path) as f:
                 text = f.read()
+            if (nul := text.find("\0")) >= 0:
+                raise _not_text(path, f"character {nul}")
             if text:
                 yield text
         else:
@@ -220,6 +225,41 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
                             yield text
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is damaged ({e}): repair it or leave it out of the inputs") from e
+
+
+def check_input(path: str | Path, text_field: str = "text") -> None:
+    """Raise ValueError naming ``path`` if it cannot be an input of its kind; cheap (see :func:`prepare_text`).
+
+    ``.txt``/``.jsonl`` (``.gz``): the first 64 KiB must be UTF-8 without NUL bytes. ``.parquet``: the
+    file must open and have a text column ``text_field``.
+    """
+    path = Path(path)
+    kind = _input_kind(path)
+    if kind == ".parquet":
+        _parquet_file(path, text_field)
+        return
+    try:
+        with gzip.open(path, "rb") if kind.endswith(".gz") else open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(
+            f"{path} is not a readable {kind} file ({e}): repair it or leave it out of the inputs"
+        ) from e
+    if (nul := head.find(b"\0")) >= 0:
+        raise _not_text(path, f"byte {nul}")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
+
+
+def _not_text(path: Path, where: str) -> ValueError:
+    return ValueError(
+        f"{path} is not text: it holds a NUL byte (first at {where}), as binary or damaged files do; "
+        f"leave it out of the inputs, or repair it"
+    )
 
 
 def _input_kind(path: Path) -> str:
@@ -282,13 +322,19 @@ def _json_field(line: str, field: str, where: str) -> str:
     return text
 
 
-def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+def _parquet_file(path: Path, column: str) -> Any:
+    """The ``pyarrow.parquet.ParquetFile`` of ``path``, checked to have text column ``column``."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(f"reading {path} needs pyarrow: pip install 'lit-matmamba[parquet]'") from e
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable parquet file ({e}): repair it or leave it out of the inputs"
+        ) from e
     schema = parquet.schema_arrow
     if column not in schema.names:
         raise ValueError(
@@ -297,6 +343,11 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise ValueError(f"{path}: column {column!r} has type {kind}, not text")
+    return parquet
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    parquet = _parquet_file(path, column)
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
         for text in batch.column(0).to_pylist():
             if text:
@@ -378,26 +429,24 @@ class _SplitWriter:
 
     def _write(self, sequence: np.ndarray) -> None:
         if self.tar is None:
-            name = f"{self.split}-{len(self.shards):05d}.tar"
+            name = shard_name(self.split, len(self.shards))
             # Stays open across add() calls until the shard is full or the split ends.
-            self.tar = tarfile.open(self.directory / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            self.tar = open_shard(self.directory / name)
             self.shards.append({"name": name, "sequences": 0})
-        data = self.header + sequence.tobytes()
-        info = tarfile.TarInfo(f"{self.sequences:010d}.tokens.npy")
-        info.size = len(data)
-        # Fixed metadata, so that a re-run writes byte-identical shards.
-        info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
-        self.tar.addfile(info, io.BytesIO(data))
+        add_member(self.tar, f"{self.sequences:010d}.tokens.npy", self.header + sequence.tobytes())
         self.sequences += 1
         self.shards[-1]["sequences"] += 1
         if self.shards[-1]["sequences"] == self.per_shard:
-            self.tar.close()
-            self.tar = None
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self.tar.close()
+        self.tar = None
+        self.shards[-1]["sha256"] = file_sha256(self.directory / self.shards[-1]["name"])
 
     def close(self, tok: Tokenizer) -> dict[str, Any]:
         if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+            self._close_shard()
         return {
             "shards": self.shards,
             "sequences": self.sequences,
@@ -427,52 +476,3 @@ class _SplitWriter:
             unstored += len(text.encode()) - len(text[:end].encode())
             left = 0
         return unstored
-
-
-def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
-    if not output_dir.exists():
-        os.rename(tmp, output_dir)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{output_dir} appeared while preparing: pass overwrite=True to replace it")
-    old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
-    os.rename(output_dir, old)
-    os.rename(tmp, output_dir)
-    shutil.rmtree(old)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line of :func:`prepare_text`: ``python -m lit_matmamba.data.prepare_text --help``.
-
-    Args:
-        argv: Arguments without the program name; default ``sys.argv[1:]``.
-    """
-    from jsonargparse import CLI, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """Keeps the line breaks of the description."""
-
-    what = inspect.cleandoc(prepare_text.__doc__).split("\n\nArgs:")[0]
-    layout = __doc__.split("\n\n", 1)[1]
-    description = f"{what}\n\n{layout}"
-    try:
-        index = CLI(
-            prepare_text,
-            args=argv,
-            as_positional=False,
-            description=description,
-            formatter_class=HelpFormatter,
-        )
-    except (OSError, ValueError, ImportError) as e:
-        # Bad input: the message says what to do, a traceback would only hide it.
-        sys.exit(f"error: {e}")
-    for split, entry in index["splits"].items():
-        print(
-            f"{split}: {entry['sequences']} sequences of {index['seq_len']} tokens in {len(entry['shards'])} "
-            f"shard(s), {entry['text_bytes']} bytes of text from {entry['documents']} documents"
-        )
-    return index
-
-
-if __name__ == "__main__":
-    cli()

@@ -24,16 +24,21 @@ How an epoch is split, with no sequence repeated or left out:
 
 The plan depends only on the index, ``seq_len``, ``batch_size``, the number of ranks and workers, the seed
 and the epoch, so it is reproducible, and a resumed epoch can skip exactly what was consumed.
+
+Damaged data is an error naming the shard, never trained on silently: each worker checks a shard against
+the sha256 in index.json the first time it opens it in an epoch (a local shard before any of it is used;
+see :func:`~lit_matmamba.data.shards.open_checked`), and every decoded sequence must hold token ids below
+the index's ``vocab_size``, the bound :meth:`TextDataModule.check_vocab` compares with the model's at setup.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
-import json
 import math
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +48,21 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
-from lit_matmamba.data.corpus import CORPUS_NAME, default_data_dir, ensure_default_corpus
+from lit_matmamba.data.corpus import CORPUS_NAME, ensure_default_corpus
 from lit_matmamba.data.prepare_text import FORMAT_NAME, FORMAT_VERSION, iter_documents, prepare_text
+from lit_matmamba.data.shards import (
+    INDEX_NAME,
+    EpochLoader,
+    check_shards_exist,
+    default_data_dir,
+    index_location,
+    locate,
+    open_checked,
+    rank_and_world_size,
+    warn_unverifiable,
+)
+from lit_matmamba.data.shards import read_index as read_shard_index
 from lit_matmamba.data.tokenizer import ensure_bpe_tokenizer
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -56,68 +72,25 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 Segment = tuple[int, int, int]
 
 
-def _is_url(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def locate(data_dir: str) -> Callable[[str], str]:
-    """Map the file names of a prepared dataset (index.json, shards, tokenizer.json) to paths or URLs.
-
-    ``data_dir`` is a local directory, a local path or URL of ``index.json``, a URL prefix that
-    WebDataset's ``gopen`` reads (``https://host/data``, ``file:``, ``gs://``), or a template where
-    ``{}`` stands for the file name, needed for ``pipe:`` (e.g. ``pipe:aws s3 cp s3://bucket/data/{} -``).
-    """
-    if "{}" in data_dir:
-        return lambda name: data_dir.replace("{}", name)
-    if data_dir.startswith("pipe:"):
-        raise ValueError(
-            f"data_dir {data_dir!r}: a pipe: location needs {{}} where the file name goes, "
-            f"e.g. 'pipe:aws s3 cp s3://bucket/data/{{}} -'"
-        )
-    if _is_url(data_dir):
-        base = data_dir.rsplit("/", 1)[0] if data_dir.endswith(".json") else data_dir.rstrip("/")
-        return lambda name: f"{base}/{name}"
-    base_dir = Path(data_dir).parent if data_dir.endswith(".json") else Path(data_dir)
-    return lambda name: str(base_dir / name)
+MADE_BY = "python main.py prepare text"
 
 
 def read_index(data_dir: str) -> dict[str, Any]:
-    """Read and check the ``index.json`` of a prepared dataset (see :func:`locate` for ``data_dir``)."""
-    where = locate(data_dir)("index.json")
-    try:
-        if _is_url(where):
-            with gopen(where, "rb") as f:
-                raw = f.read()
-        else:
-            raw = Path(where).read_bytes()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"index.json not found at {where}: point data_dir at a directory made by "
-            f"`python -m lit_matmamba.data.prepare_text`, or run that first"
-        ) from e
-    except OSError as e:
-        raise OSError(f"could not read {where}: {e}") from e
-    try:
-        index = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"{where} is not valid JSON ({e}): re-run prepare") from e
+    """Read and check the ``index.json`` of a prepared dataset (see :func:`~lit_matmamba.data.shards.locate`).
+
+    Warns when the index lists no shard checksums (written by an older lit-matmamba).
+    """
+    index, where = read_shard_index(data_dir, FORMAT_NAME, FORMAT_VERSION, made_by=MADE_BY)
     try:
         _check_index(index, where)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: missing or malformed entry {e}: re-run prepare") from e
+    if any("sha256" not in shard for entry in index["splits"].values() for shard in entry["shards"]):
+        warn_unverifiable(where, MADE_BY)
     return index
 
 
-def _check_index(index: Any, where: str) -> None:
-    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{where} is not a {FORMAT_NAME} index: make the dataset with lit_matmamba.data.prepare_text"
-        )
-    if index.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{where} has format version {index.get('version')}, this code reads version {FORMAT_VERSION}: "
-            f"re-run prepare with this version of lit-matmamba"
-        )
+def _check_index(index: dict[str, Any], where: str) -> None:
     if index.get("dtype") not in DTYPES:
         raise ValueError(
             f"{where}: unsupported dtype {index.get('dtype')!r} (supported: {', '.join(DTYPES)}): re-run prepare"
@@ -224,6 +197,9 @@ class TokenSequenceDataset(IterableDataset):
         stored_len: Tokens per stored sequence.
         seq_len: Tokens per yielded sequence; at most ``stored_len``.
         dtype: Stored dtype, "uint16" or "uint32".
+        vocab_size: Token ids must be below this (the index's); None: not checked.
+        checksums: sha256 of each shard (from index.json), checked the first time each worker opens
+            it; None, or None for a shard: not checked.
         batch_size: Sequences per batch (the last batches of an epoch can be smaller).
         rank: This rank.
         world_size: Number of ranks.
@@ -243,6 +219,8 @@ class TokenSequenceDataset(IterableDataset):
         seq_len: int,
         dtype: str,
         batch_size: int,
+        vocab_size: int | None = None,
+        checksums: Sequence[str | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
@@ -271,6 +249,10 @@ class TokenSequenceDataset(IterableDataset):
             seed,
         )
         self.first_key = list(itertools.accumulate([0] + self.shard_sequences[:-1]))
+        self.vocab_size = vocab_size
+        self.checksums = list(checksums) if checksums is not None else [None] * len(self.shards)
+        # Shards this process has checked; each worker has its own copy.
+        self._verified: set[str] = set()
         self.epoch = self.skip_batches = 0
         self._plan(0)  # raises now if the split cannot be divided evenly
 
@@ -354,7 +336,10 @@ class TokenSequenceDataset(IterableDataset):
         to_end = end == count * k
         seen = 0
         try:
-            with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                open_checked(url, self.checksums[shard], self._verified) as stream,
+                tarfile.open(fileobj=stream, mode="r|") as tar,
+            ):
                 for j, member in enumerate(tar):
                     if j == count:
                         raise ValueError(
@@ -379,6 +364,8 @@ class TokenSequenceDataset(IterableDataset):
                         yield tokens[piece * self.seq_len : (piece + 1) * self.seq_len] if decode else None
                     if j == last and not to_end:
                         return
+                if to_end:
+                    stream.finish()
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"shard {url} of split {self.split!r} (listed in index.json) not found: the dataset is "
@@ -409,31 +396,22 @@ class TokenSequenceDataset(IterableDataset):
                 f"shard {url}: {member.name} holds {tokens.dtype} {tokens.shape}, but index.json says "
                 f"{self.dtype.name} ({self.stored_len},): the shard does not match the index; re-run prepare"
             )
+        # The model's embedding would fail on it (or, below its padded size, train on it) far from here.
+        if self.vocab_size is not None and (top := int(tokens.max())) >= self.vocab_size:
+            raise ValueError(
+                f"shard {url} of split {self.split!r}: sequence {member.name.split('.')[0]} holds token id {top}, "
+                f"but index.json gives vocab_size {self.vocab_size}: the shard is damaged or was made with "
+                f"another tokenizer; copy it again or re-run prepare"
+            )
         return tokens
 
 
-class _TokenLoader(DataLoader):
-    """A DataLoader that sets the dataset's epoch and resume position each time it is iterated.
+class _TokenLoader(EpochLoader):
+    """The loader of a :class:`TokenSequenceDataset`; see :class:`~lit_matmamba.data.shards.EpochLoader`.
 
-    ``position(batches_per_epoch)`` gives ``(epoch, batches already consumed in it)`` from the trainer, or
-    None outside a fit, where the n-th iteration over the loader is epoch n. It is Lightning-stateful
-    (``state_dict``/``load_state_dict``) so that Lightning saves the data layout with the loop state and
-    this loader can warn when a checkpoint is resumed with a different one.
+    It is Lightning-stateful (``state_dict``/``load_state_dict``) so that Lightning saves the data layout
+    with the loop state and this loader can warn when a checkpoint is resumed with a different one.
     """
-
-    def __init__(
-        self, dataset: TokenSequenceDataset, position: Callable[[int], tuple[int, int] | None], **kwargs: Any
-    ):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.position = position
-        self.iterations = 0
-
-    def __iter__(self):
-        position = self.position(len(self.dataset))
-        epoch, skip = position if position is not None else (self.iterations, 0)
-        self.iterations += 1
-        self.dataset.set_position(epoch, skip)
-        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
         return {"layout": self.dataset.layout()}
@@ -528,7 +506,7 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the default corpus, tokenizer and shards if ``data_dir`` is None and they are not cached."""
-        if self.data_dir is not None or (Path(self.location) / "index.json").exists():
+        if self.data_dir is not None or (Path(self.location) / INDEX_NAME).exists():
             return
         corpus = ensure_default_corpus(self.cache_dir)
         train_files = sorted((corpus / "train").glob("*.txt"))
@@ -548,7 +526,7 @@ class TextDataModule(L.LightningDataModule):
             )
         except FileExistsError:
             # Another node sharing the file system prepared it at the same time.
-            if not (Path(self.location) / "index.json").exists():
+            if not (Path(self.location) / INDEX_NAME).exists():
                 raise
 
     def setup(self, stage: str | None = None) -> None:
@@ -570,11 +548,7 @@ class TextDataModule(L.LightningDataModule):
         Before ``setup()`` it is read from index.json when the data is already prepared; for the default
         corpus before its first preparation it is ``bpe_vocab_size`` (the tokenizer's upper bound).
         """
-        if (
-            self._index is None
-            and self.data_dir is None
-            and not (Path(self.location) / "index.json").exists()
-        ):
+        if self._index is None and self.data_dir is None and not (Path(self.location) / INDEX_NAME).exists():
             return self.bpe_vocab_size
         self.setup()
         return self.index["vocab_size"]
@@ -625,13 +599,8 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         entry = self._split(split)
         shards = [locate(self.location)(shard["name"]) for shard in entry["shards"]]
-        for shard in shards:
-            if not _is_url(shard) and not Path(shard).is_file():
-                raise FileNotFoundError(
-                    f"shard {shard} of split {split!r} (listed in index.json) not found: the dataset is "
-                    f"incomplete; copy it again or re-run prepare"
-                )
-        default_rank, default_world_size = self._distributed()
+        check_shards_exist(shards, f"split {split!r} of {index_location(self.location)}")
+        default_rank, default_world_size = rank_and_world_size(self.trainer)
         dataset = TokenSequenceDataset(
             shards,
             [shard["sequences"] for shard in entry["shards"]],
@@ -640,6 +609,8 @@ class TextDataModule(L.LightningDataModule):
             seq_len=self.seq_len,
             dtype=self.index["dtype"],
             batch_size=self.batch_size,
+            vocab_size=self.index["vocab_size"],
+            checksums=[shard.get("sha256") for shard in entry["shards"]],
             rank=default_rank if rank is None else rank,
             world_size=default_world_size if world_size is None else world_size,
             num_workers=self.num_workers,
@@ -647,8 +618,11 @@ class TextDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
         )
-        position = self._train_position if split == "train" else lambda num_batches: None
-        return _TokenLoader(dataset, position, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        train = split == "train"
+        position = functools.partial(self._train_position, len(dataset)) if train else (lambda: None)
+        return _TokenLoader(
+            dataset, position, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
@@ -662,13 +636,6 @@ class TextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """`main.py predict` runs over the test split."""
         return self.dataloader("test")
-
-    def _distributed(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
 
     def _train_position(self, num_batches: int) -> tuple[int, int] | None:
         """(epoch, batches to skip in it) from the batches the fit loop has trained, which a checkpoint restores.

@@ -6,7 +6,6 @@ this module only trains, caches and loads one when the user brings none.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Iterable
@@ -77,12 +76,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:
         raise ValueError(f"{path} is not a valid tokenizers `tokenizer.json`: {e}") from e
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, used to tell which tokenizer made a set of shards."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -3,8 +3,9 @@
 ``ImageDataModule`` reads either
 
 * an image-folder tree ``<data_dir>/{train,val,test}/<class>/...`` (ImageNet layout), or
-* a shard folder written by ``prepare_images`` (``index.json`` + ``<split>-NNNNN.tar``), local or
-  at any URL webdataset's ``gopen`` opens (``https://...``, ``pipe:...``), or
+* a shard folder written by ``python main.py prepare images pack`` (``index.json`` +
+  ``<split>-NNNNN.tar``), local or at any URL webdataset's ``gopen`` opens (``https://...``, or a
+  ``pipe:`` template with ``{}`` for the file name; see :func:`~lit_matmamba.data.shards.locate`), or
 * nothing (``data_dir=None``): Fashion-MNIST, built once from a Debian package (see ``fashion_mnist``).
 
 Batches are ``(images, targets)``: images float32 (B, 3, img_size, img_size), normalised; targets
@@ -21,11 +22,14 @@ single rank, train also reads every sample exactly once.
 
 Unreadable images: at read time an image that does not decode is an error naming the file (or
 shard and key); nothing is skipped silently. ``prepare_images`` is where bad files are dropped
-(with a warning, and listed in index.json) before training.
+(with a warning, and listed in index.json) before training. A shard whose bytes do not have the
+sha256 its index lists is an error naming the shard, raised the first time each dataloader worker
+opens it (see :func:`~lit_matmamba.data.shards.open_checked`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -35,7 +39,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
@@ -44,15 +47,22 @@ from torchvision.transforms import v2
 from lit_matmamba.data.fashion_mnist import ensure_fashion_mnist
 from lit_matmamba.data.prepare_images import (
     DEFAULT_SPLITS,
-    INDEX_NAME,
-    ShardError,
     UnreadableImageError,
-    is_url,
+    has_checksums,
     iter_shard,
     load_index,
     open_rgb,
     scan_image_folder,
-    shard_location,
+    shard_checksums,
+)
+from lit_matmamba.data.shards import (
+    INDEX_NAME,
+    EpochLoader,
+    check_shards_exist,
+    is_url,
+    locate,
+    rank_and_world_size,
+    warn_unverifiable,
 )
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers. Ours is
@@ -153,24 +163,27 @@ class SoftTargetCollate:
         self.mix = mix
         self.label_smoothing = label_smoothing
 
-    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = default_collate(samples)  # (B, 3, H, W) float, (B,) int64
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
+        # Fields after the target (the ids of ``with_ids``) pass through unchanged.
+        images, targets, *rest = default_collate(samples)  # (B, 3, H, W) float, (B,) int64
         if self.mix is not None:
             images, soft = self.mix(images, targets)  # soft: (B, num_classes)
         else:
             soft = F.one_hot(targets, self.num_classes).float()
-        return images, soft * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        return images, soft * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes, *rest
 
 
 # --------------------------------------------------------------------------- datasets
 
 
 class ImageFolderDataset(Dataset):
-    """Map-style dataset over ``(path, class index)`` pairs."""
+    """Map-style dataset over ``(path, class index)`` pairs; with ``with_ids`` each item also has its
+    index in ``samples``."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable):
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable, with_ids: bool = False):
         self.samples = list(samples)
         self.transform = transform
+        self.with_ids = with_ids
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -181,7 +194,8 @@ class ImageFolderDataset(Dataset):
             data = path.read_bytes()
         except OSError as exn:
             raise UnreadableImageError(f"{path}: cannot read file ({exn})") from exn
-        return self.transform(open_rgb(data, str(path))), cls
+        image = self.transform(open_rgb(data, str(path)))
+        return (image, cls, index) if self.with_ids else (image, cls)
 
 
 class ShardedImageDataset(IterableDataset):
@@ -195,7 +209,10 @@ class ShardedImageDataset(IterableDataset):
     skips, undecoded, the samples of a shard that belong to a neighbour. With ``train`` a buffer
     of ``shuffle_buffer`` encoded samples shuffles further.
 
-    The epoch comes from ``set_epoch`` (shared memory, so persistent workers see it too).
+    The epoch comes from ``set_position`` (shared memory, so persistent workers see it too). With
+    ``with_ids`` each sample is ``(image, class, id)``, the id its position in the stored order
+    (shards in index order), whatever order it is read in. With ``checksums`` (the sha256 of each
+    shard, from the index) each worker checks each shard the first time it opens it.
     """
 
     def __init__(
@@ -211,11 +228,19 @@ class ShardedImageDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        with_ids: bool = False,
+        checksums: Sequence[str | None] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.urls = list(urls)
         self.counts = list(counts)
+        self.checksums = list(checksums) if checksums is not None else [None] * len(self.urls)
+        # Shards this process has checked; each worker has its own copy.
+        self._verified: set[str] = set()
+        self.with_ids = with_ids
+        # The stored position of each shard's first sample.
+        self.first_ids = [0, *itertools.accumulate(self.counts)][:-1]
         self.num_classes = num_classes
         self.transform = transform
         self.batch_size = batch_size
@@ -227,7 +252,10 @@ class ShardedImageDataset(IterableDataset):
         self.num_samples = sum(self.counts)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        """Iterate epoch ``epoch`` next; resuming inside an epoch (``skip_batches``) is not supported."""
+        if skip_batches:
+            raise ValueError("ShardedImageDataset starts epochs at their beginning only")
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
@@ -261,10 +289,11 @@ class ShardedImageDataset(IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}")
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        for source, data, cls in samples:
-            yield self.transform(open_rgb(data, source)), cls
+        for source, data, cls, sample_id in samples:
+            image = self.transform(open_rgb(data, source))
+            yield (image, cls, sample_id) if self.with_ids else (image, cls)
 
-    def _read(self, order: list[int], start: int, stop: int) -> Iterator[tuple[str, bytes, int]]:
+    def _read(self, order: list[int], start: int, stop: int) -> Iterator[tuple[str, bytes, int, int]]:
         """Samples at stream positions [start, stop), wrapping around past the end of the stream."""
         while start < stop:
             begin = start % self.num_samples
@@ -272,19 +301,20 @@ class ShardedImageDataset(IterableDataset):
             yield from self._read_span(order, begin, end)
             start += end - begin
 
-    def _read_span(self, order: list[int], begin: int, end: int) -> Iterator[tuple[str, bytes, int]]:
+    def _read_span(self, order: list[int], begin: int, end: int) -> Iterator[tuple[str, bytes, int, int]]:
         offset = 0
         for shard in order:
             url, count = self.urls[shard], self.counts[shard]
             if offset < end and begin < offset + count:
                 skip, take = max(begin - offset, 0), min(end - offset, count)
-                for i, (key, data, cls) in enumerate(iter_shard(url, count, self.num_classes)):
+                samples = iter_shard(url, count, self.num_classes, self.checksums[shard], self._verified)
+                for i, (key, data, cls) in enumerate(samples):
                     # Whoever reads a shard's last sample reads on to its end, so that iter_shard
                     # checks the shard's size against the index.
                     if i >= take and take < count:
                         break
                     if skip <= i < take:
-                        yield f"{url}:{key}", data, cls
+                        yield f"{url}:{key}", data, cls, self.first_ids[shard] + i
             offset += count
             if offset >= end:
                 break
@@ -300,33 +330,6 @@ def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
-
-
-class _EpochLoader(DataLoader):
-    """Tells its ``ShardedImageDataset`` which epoch starts each time it is iterated.
-
-    Lightning calls ``set_epoch`` only on samplers, and a DataLoader over an IterableDataset has
-    none. The epoch is the trainer's when ``trainer_epoch()`` gives one (so resuming, or reloading
-    dataloaders every epoch, continues the sequence of shard orders), else the number of times
-    this loader was iterated before. Either way all ranks agree on it, hence on the shard order.
-    """
-
-    def __init__(self, dataset: ShardedImageDataset, trainer_epoch: Callable[[], int | None], **kwargs):
-        super().__init__(dataset, **kwargs)
-        self._trainer_epoch = trainer_epoch
-        self._iterations = 0
-
-    def __iter__(self):
-        epoch = self._trainer_epoch()
-        self.dataset.set_epoch(self._iterations if epoch is None else epoch)
-        self._iterations += 1
-        return super().__iter__()
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # --------------------------------------------------------------------------- data module
@@ -368,8 +371,9 @@ class ImageDataModule(L.LightningDataModule):
         """
         Args:
             data_dir: An image-folder tree (``train/``, ``val/``, optional ``test/``, each with one
-                folder per class), a shard folder made by ``prepare_images`` (``index.json`` +
-                tars), its index.json, or a URL to either. None: Fashion-MNIST, built once under
+                folder per class), a shard folder made by ``python main.py prepare images pack``
+                (``index.json`` + tars), its index.json, a URL to either, or a template with ``{}``
+                for the file name (needed for ``pipe:``). None: Fashion-MNIST, built once under
                 ``$LIT_MATMAMBA_DATA`` (default ``./data``) from the Debian package dataset-fashion-mnist.
             batch_size: Samples per batch on each device.
             num_workers: Data loader worker processes per device.
@@ -419,7 +423,7 @@ class ImageDataModule(L.LightningDataModule):
             img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std
         )
         self._where: str | None = None
-        # Per split: ("shards", urls, counts) or ("folder", [(path, class index)]).
+        # Per split: ("shards", urls, counts, sha256s) or ("folder", [(path, class index)]).
         self._splits: dict[str, tuple] = {}
 
     def prepare_data(self) -> None:
@@ -436,21 +440,19 @@ class ImageDataModule(L.LightningDataModule):
 
     def _load(self) -> None:
         data_dir = str(ensure_fashion_mnist()) if self.data_dir is None else self.data_dir
-        local = None if is_url(data_dir) else Path(data_dir)
+        local = None if is_url(data_dir) or "{}" in data_dir else Path(data_dir)
         if local is not None and not local.exists():
             raise FileNotFoundError(f"data_dir {data_dir} does not exist")
         if local is None or local.suffix == ".json" or (local / INDEX_NAME).is_file():
             index, self._where = load_index(data_dir)
+            if not has_checksums(index):
+                warn_unverifiable(self._where, "python main.py prepare images pack")
             class_names = index["class_names"]
+            shard_path = locate(data_dir)
             for split, entry in index["splits"].items():
-                urls = [shard_location(self._where, shard) for shard in entry["shards"]]
-                self._splits[split] = ("shards", urls, entry["counts"])
-            if local is not None:
-                missing = [u for _, urls, _ in self._splits.values() for u in urls if not Path(u).is_file()]
-                if missing:
-                    raise ShardError(
-                        f"{self._where}: {len(missing)} missing shard(s): {', '.join(missing[:10])}"
-                    )
+                urls = [shard_path(shard) for shard in entry["shards"]]
+                check_shards_exist(urls, f"split {split!r} of {self._where}")
+                self._splits[split] = ("shards", urls, entry["counts"], shard_checksums(index, split))
         elif any((local / split).is_dir() for split in DEFAULT_SPLITS):
             self._where = str(local)
             class_names, samples = scan_image_folder(local)
@@ -486,13 +488,36 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         return hp.mixup_alpha > 0 or hp.cutmix_alpha > 0 or hp.label_smoothing > 0
 
-    def dataloader(self, split: str, rank: int | None = None, world_size: int | None = None) -> DataLoader:
-        """The loader of any split; ``rank``/``world_size`` default to torch.distributed's (or 0 and 1)."""
+    def dataloader(
+        self,
+        split: str,
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        mode: Literal["train", "eval"] | None = None,
+        with_ids: bool = False,
+    ) -> DataLoader:
+        """The loader of any split.
+
+        Args:
+            split: "train", "val", "test" or another split of the data.
+            rank: This rank; default the trainer's, else torch.distributed's, else 0.
+            world_size: Number of ranks; default the trainer's, else torch.distributed's, else 1.
+            mode: "train" (augmented, shuffled, ranks padded to equal length, targets as
+                configured) or "eval" (eval transform, stored order, every sample read once,
+                class indices); None: "train" for the train split, "eval" for the others.
+                Embeddings of the train split read it in "eval" mode.
+            with_ids: batches are ``(images, targets, ids)``, ``ids`` int64 (B,): each sample's
+                position in its split's stored order (shards in index order, or the sorted file
+                list of a folder), the same in every mode and with any number of workers.
+        """
         if self.num_classes is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         if rank is None or world_size is None:
-            rank, world_size = _rank_and_world_size()
-        train = split == "train"
+            rank, world_size = rank_and_world_size(self.trainer)
+        if mode not in (None, "train", "eval"):
+            raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
+        train = (mode or ("train" if split == "train" else "eval")) == "train"
         hp = self.hparams
         collate = None
         if train and self.soft_train_targets:
@@ -508,7 +533,7 @@ class ImageDataModule(L.LightningDataModule):
         kind, *source = self._split(split)
         transform = self._train_transform if train else self._eval_transform
         if kind == "shards":
-            urls, counts = source
+            urls, counts, checksums = source
             dataset = ShardedImageDataset(
                 urls,
                 counts,
@@ -520,9 +545,11 @@ class ImageDataModule(L.LightningDataModule):
                 seed=hp.seed,
                 rank=rank,
                 world_size=world_size,
+                with_ids=with_ids,
+                checksums=checksums,
             )
-            return _EpochLoader(dataset, self._trainer_epoch, **loader_args)
-        dataset = ImageFolderDataset(source[0], transform)
+            return EpochLoader(dataset, self._trainer_position, **loader_args)
+        dataset = ImageFolderDataset(source[0], transform, with_ids=with_ids)
         if world_size == 1:
             return DataLoader(dataset, shuffle=train, **loader_args)
         # Our own samplers, which Lightning keeps (it replaces only non-distributed ones) and calls
@@ -531,8 +558,13 @@ class ImageDataModule(L.LightningDataModule):
         sampler = sampler_type(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=hp.seed)
         return DataLoader(dataset, sampler=sampler, **loader_args)
 
-    def _trainer_epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
+    def _trainer_position(self) -> tuple[int, int] | None:
+        """The trainer's epoch, from its start; None without a trainer.
+
+        Following the trainer's epoch makes a resumed fit, or dataloaders reloaded every epoch, continue
+        the sequence of shard orders. A fit resumed mid-epoch starts that epoch again from its beginning.
+        """
+        return None if self.trainer is None else (self.trainer.current_epoch, 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -131,10 +133,14 @@ class NestedModel(nn.Module):
         width: Width = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
+        """Zero states for `batch_size` rows at `width`: conv states in `dtype` (default: the
+        weights'), SSM states in `ssm_dtype` (default: float32, or float64 for a float64 model;
+        stock mamba-ssm keeps them in the weights' dtype)."""
         widths = self.config.resolve(width)
         states = [
-            layer.mixer.allocate_state(batch_size, w, dtype, device)
+            layer.mixer.allocate_state(batch_size, w, dtype, device, ssm_dtype)
             for layer, w in zip(self.backbone.layers, widths)
         ]
         return InferenceCache(widths, states)
@@ -163,6 +169,31 @@ class NestedModel(nn.Module):
 
     def _new_like(self, config: MatMambaConfig) -> NestedModel:
         raise NotImplementedError
+
+    def custom_head(self) -> nn.Module | None:
+        """The head when it is not the one this model builds by default, else None."""
+        raise NotImplementedError
+
+    # Files -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, map_location: str | torch.device = "cpu", head: nn.Module | None = None
+    ) -> NestedModel:
+        """The model at `path`: a directory written by `save_pretrained` (or `main.py export`), a
+        training checkpoint, or a stock mamba-ssm checkpoint directory (`lit_matmamba.io.load`)."""
+        from lit_matmamba.io import load
+
+        model = load(path, map_location, head).model
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, width: Width = None) -> Path:
+        """Write the sub-model of `width` as a standalone directory that `from_pretrained` reads
+        (and stock mamba-ssm too, for a language model of one width; see `lit_matmamba.io`)."""
+        from lit_matmamba.io import Pretrained
+
+        return Pretrained(self).save(path, width)
 
     # Counts ----------------------------------------------------------------------------------
     def num_params(self, width: Width = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ _MAMBA2_DEFAULTS = dict(
 
 
 def mamba_ssm_config(config: MatMambaConfig, width: int | None = None) -> dict[str, Any]:
-    """The `MambaConfig` fields of the uniform sub-model of `width` (None: full width)."""
-    width = config.d_model if width is None else width
+    """The `MambaConfig` fields of the uniform sub-model of `width` (None: the model's own width)."""
     if len(set(config.layer_widths)) != 1:
         raise ValueError("mamba-ssm models have one inner width for every layer; this model's layers differ")
+    width = config.layer_widths[0] if width is None else width
     config.resolve(width)  # raises ValueError naming the valid widths
     expand = config.expand * width / config.d_model
     # mamba-ssm 2.3.2 computes d_inner = (expand * d_model) // world_size: a float expand gives a
@@ -150,26 +149,26 @@ def load_mamba_ssm(path: str | os.PathLike, **overrides: Any) -> MatMambaLM:
     return model
 
 
-def save_mamba_ssm(model: MatMambaLM, path: str | os.PathLike, width: Width = None) -> Path:
-    """Write the uniform sub-model of `width` as a checkpoint stock `MambaLMHeadModel` loads
-    (`MambaLMHeadModel.from_pretrained(path)`). Written to a temporary directory, then renamed."""
+def write_mamba_ssm(model: MatMambaLM, directory: str | os.PathLike, width: int | None = None) -> None:
+    """Write config.json and pytorch_model.bin of the uniform sub-model of `width` (None: the
+    model itself) into the existing `directory`."""
     if width is not None and not isinstance(width, int):
         raise ValueError("mamba-ssm models have one inner width for every layer: pass an int width")
     cfg = mamba_ssm_config(model.config, width)
     sub = model.extract(width) if width is not None else model
     state = {k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        torch.save(state, tmp / "pytorch_model.bin")
-        if path.exists():
-            raise FileExistsError(f"{path} exists; remove it or choose another directory")
-        tmp.rename(path)
-    except BaseException:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        raise
-    return path
+    (Path(directory) / "config.json").write_text(json.dumps(cfg, indent=2))
+    torch.save(state, Path(directory) / "pytorch_model.bin")
+
+
+def save_mamba_ssm(model: MatMambaLM, path: str | os.PathLike, width: Width = None) -> Path:
+    """Write the uniform sub-model of `width` as a checkpoint stock `MambaLMHeadModel` loads
+    (`MambaLMHeadModel.from_pretrained(path)`). Written to a temporary directory, then renamed."""
+    if width is not None and not isinstance(width, int):
+        raise ValueError("mamba-ssm models have one inner width for every layer: pass an int width")
+    mamba_ssm_config(model.config, width)  # raises before anything is written
+    from lit_matmamba.io import atomic_directory
+
+    with atomic_directory(path) as tmp:
+        write_mamba_ssm(model, tmp, width)
+    return Path(path)

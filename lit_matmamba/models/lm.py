@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -10,6 +13,9 @@ from lit_matmamba.kernels import cross_entropy
 from .backbone import InferenceCache, MatMambaStack, NestedModel
 from .config import MatMambaConfig, Width
 from .nested_linear import direct_grads_apply, nested_linear
+
+if TYPE_CHECKING:
+    from lit_matmamba.graphs import GraphedDecoder
 
 
 class LMBackbone(MatMambaStack):
@@ -47,11 +53,28 @@ class MatMambaLM(NestedModel):
 
     def _new_like(self, config: MatMambaConfig) -> MatMambaLM:
         head = None
-        if not (self.config.tie_embeddings and self.lm_head.weight is self.backbone.embedding.weight):
+        if not self.tied:
             import copy
 
             head = copy.deepcopy(self.lm_head)
         return MatMambaLM(config, head=head)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the head's weight is the embedding's."""
+        return getattr(self.lm_head, "weight", None) is self.backbone.embedding.weight
+
+    def custom_head(self) -> nn.Module | None:
+        """The head, unless it is the default: a linear LM head without bias, tied to the embedding
+        exactly when `config.tie_embeddings`."""
+        head, cfg = self.lm_head, self.config
+        default = (
+            type(head) is nn.Linear
+            and head.bias is None
+            and tuple(head.weight.shape) == (cfg.padded_vocab_size, cfg.d_model)
+            and self.tied == cfg.tie_embeddings
+        )
+        return None if default else head
 
     def forward_features(
         self, input_ids: torch.Tensor, width: Width = None, cache: InferenceCache | None = None
@@ -105,31 +128,138 @@ class MatMambaLM(NestedModel):
         return self.lm_head(h)
 
     @torch.no_grad()
+    def prefill(self, prompts: Sequence[torch.Tensor], cache: InferenceCache) -> torch.Tensor:
+        """Run prompts of any lengths into `cache` (allocated for `len(prompts)` rows): row i of the
+        cache continues prompt i exactly as if it had been run alone. Prompts of the same length
+        run as one batch; no padding enters any state. Returns the logits after each prompt's last
+        token, (B, V). `cache.seqlen_offset` becomes the longest prompt's length."""
+        lengths = [int(p.shape[0]) for p in prompts]
+        if len(prompts) != cache.states[0].ssm.shape[0]:
+            raise ValueError(f"the cache has {cache.states[0].ssm.shape[0]} rows for {len(prompts)} prompts")
+        if min(lengths, default=0) < 1:
+            raise ValueError("every prompt needs at least one token")
+        device, dtype = cache.states[0].conv.device, cache.states[0].conv.dtype
+        groups = []  # (rows, cache, last logits) per prompt length
+        for length in sorted(set(lengths)):
+            rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device)
+            sub = self.allocate_cache(len(rows), cache.widths, dtype=dtype, device=device)
+            h = self.forward_features(torch.stack([prompts[i] for i in rows.tolist()]), cache.widths, sub)
+            groups.append((rows, sub, self._logits(h[:, -1])))  # the head on the last token only: (b, V)
+        last = groups[0][2].new_empty(len(prompts), groups[0][2].shape[-1])  # (B, V)
+        for rows, _, logits in groups:
+            last[rows] = logits
+        for i, state in enumerate(cache.states):
+            for name in ("conv", "ssm"):
+                first = getattr(groups[0][1].states[i], name)
+                # In the cache's own dtypes (an SSM state allocated in bf16 stays bf16).
+                full = first.new_empty(len(prompts), *first.shape[1:], dtype=getattr(state, name).dtype)
+                for rows, sub, _ in groups:
+                    full[rows] = getattr(sub.states[i], name).to(full.dtype)
+                setattr(state, name, full)
+        cache.seqlen_offset = max(lengths)
+        return last
+
+    @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
         max_new_tokens: int,
         width: Width = None,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Prefill `input_ids` (B, L), then sample `max_new_tokens` (greedy when temperature is 0).
-        Returns (B, L + max_new_tokens)."""
-        cache = self.allocate_cache(input_ids.shape[0], width, device=input_ids.device)
-        logits = self(input_ids, width, cache)[:, -1]  # (B, V)
-        out = [input_ids]
+        eos_token_id: int | None = None,
+        cuda_graphs: bool | None = None,
+        decoder: GraphedDecoder | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Prefill the prompts, then sample up to `max_new_tokens` each at `width` (see `sample`
+        for temperature, top_k, top_p; greedy when temperature is 0), with the recurrent state sized
+        to that width.
+
+        `input_ids` is a (B, L) tensor of prompts of one length, or a list of prompts of any lengths
+        (1-D tensors or lists of ids), prefilled without padding (`prefill`). A row stops after it
+        samples `eos_token_id`. Returns (B, L + max_new_tokens) for a tensor, rows that stopped
+        early padded with `eos_token_id`; for a list, a list of 1-D tensors, each its prompt and its
+        new tokens up to and including the EOS.
+
+        The steps run on a `lit_matmamba.graphs.GraphedDecoder`: `decoder` if given (built once for
+        this width and up to its batch size, as a server or a benchmark keeps it), else one made for
+        this call, with CUDA graphs when `cuda_graphs` (default: on a CUDA device). Graphed and
+        eager steps compute the same (tested on the GPU token for token).
+        """
+        from lit_matmamba.graphs import GraphedDecoder
+
+        as_tensor = isinstance(input_ids, torch.Tensor)
+        if as_tensor and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        device = self.backbone.embedding.weight.device
+        prompts = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in input_ids]
+        if not prompts:
+            raise ValueError("no prompts to continue")
+        if decoder is None:
+            n = len(prompts)
+            decoder = GraphedDecoder(self, width, n, cuda_graphs=cuda_graphs, buckets=[n])
+        elif decoder.widths != self.config.resolve(width) or decoder.batch_size < len(prompts):
+            raise ValueError(
+                f"the decoder runs widths {decoder.widths} for up to {decoder.batch_size} rows, not "
+                f"{self.config.resolve(width)} for {len(prompts)}"
+            )
+        ssm_dtype = decoder.cache.states[0].ssm.dtype
+        cache = self.allocate_cache(len(prompts), width, device=device, ssm_dtype=ssm_dtype)
+        logits = self.prefill(prompts, cache)  # (B, V)
+        decoder.load(cache)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        new: list[torch.Tensor] = []
         for i in range(max_new_tokens):
-            logits = logits[:, : self.config.vocab_size].float()
-            if temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-            out.append(token[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, cache)
-        return torch.cat(out, dim=1)
+            token = sample(logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done = done | (token == eos_token_id)
+            new.append(token)
+            # Asking whether every row is done waits for the GPU: only when there is an EOS to see.
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = decoder.step(token)  # (B, V), the decoder's buffer: read before the next step
+        tokens = torch.stack(new, 1) if new else prompts[0].new_empty(len(prompts), 0)  # (B, N)
+        if as_tensor:
+            if tokens.shape[1] < max_new_tokens:  # every row stopped: pad with EOS to the stated shape
+                pad = tokens.new_full((len(prompts), max_new_tokens - tokens.shape[1]), eos_token_id)
+                tokens = torch.cat([tokens, pad], 1)
+            return torch.cat([torch.stack(prompts), tokens], 1)
+        out = []
+        for prompt, row in zip(prompts, tokens):
+            if eos_token_id is not None and bool((row == eos_token_id).any()):
+                row = row[: int((row == eos_token_id).nonzero()[0]) + 1]
+            out.append(torch.cat([prompt, row]))
+        return out
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): the argmax when `temperature` is 0, else a draw from
+    softmax(logits / temperature) restricted to the `top_k` most likely tokens and then to the
+    smallest set whose probability reaches `top_p` (nucleus sampling)."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(
+            f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p (the first one always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

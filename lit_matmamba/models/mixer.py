@@ -107,16 +107,20 @@ class MatMambaMixer(nn.Module):
         width: int,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> MixerState:
+        """Zeros: the conv state in `dtype` (default: the weights'), the SSM state in `ssm_dtype`
+        (default: float32, or the weights' dtype if wider)."""
         k = self.config.heads(width)
         P, N = self.config.headdim, self.config.d_state
         dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = ssm_dtype or torch.promote_types(self.conv1d.weight.dtype, torch.float32)
         device = device or self.conv1d.weight.device
         return MixerState(
             conv=torch.zeros(
                 batch_size, self.d_bc + k * P, self.config.d_conv - 1, dtype=dtype, device=device
             ),
-            ssm=torch.zeros(batch_size, k, P, N, dtype=torch.float32, device=device),
+            ssm=torch.zeros(batch_size, k, P, N, dtype=ssm_dtype, device=device),
         )
 
     def _views(self, k: int) -> dict:
@@ -181,26 +185,33 @@ class MatMambaMixer(nn.Module):
         return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     def step(self, u: torch.Tensor, width: int, state: MixerState) -> torch.Tensor:
-        """One decoding step. u: (B, d_model) -> (B, d_model); updates `state` in place."""
+        """One decoding step. u: (B, d_model) -> (B, d_model); updates `state`: its tensors are
+        replaced (reference ops) or written in place (GPU kernels), so read them after the call.
+
+        On the GPU every op but the two projections is one kernel (conv step, mamba-ssm's state
+        update, gated norm): decoding a small width is bound by launches, and a CUDA graph of the
+        step (`lit_matmamba.graphs.GraphedDecoder`) replays fewer of them."""
         k = self.config.heads(width)
         if state.ssm.shape[1] != k:
             raise ValueError(f"the state holds {state.ssm.shape[1]} heads but width {width} uses {k}")
+        cfg, backend = self.config, self.config.backend
         v = self._views(k)
         xbc, zdt = self._in_proj(u, v, k)
-        xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"])
-        cfg = self.config
+        xbc, state.conv = causal_conv1d_step(xbc, state.conv, v["conv_w"], v["conv_b"], backend=backend)
         x, Bm, Cm = split_xbc(xbc, cfg.ngroups, k, cfg.headdim)
         z, dt = split_last(zdt, cfg.headdim)
-        y, state.ssm = ssd_step(x, dt, v["A"], Bm, Cm, state.ssm, D=v["D"], dt_bias=v["dt_bias"])
-        y = gated_rmsnorm(  # one token: kernels would not pay
+        y, state.ssm = ssd_step(
+            x, dt, v["A"], Bm, Cm, state.ssm, D=v["D"], dt_bias=v["dt_bias"], backend=backend
+        )  # (B, k, P)
+        y = gated_rmsnorm(
             y.flatten(-2),
             z.flatten(-2),
             v["norm_w"],
             cfg.norm_eps,
             group_size=k * cfg.headdim // cfg.ngroups,
             norm_before_gate=cfg.norm_before_gate,
-            backend="reference",
-        )
+            backend=backend,
+        )  # (B, kP)
         return nested_linear(y, self.out_proj.weight, self.out_proj.bias, cols=v["out_cols"])
 
     @torch.no_grad()

@@ -58,6 +58,16 @@ class MatMambaVision(NestedModel):
     def _new_like(self, config: MatMambaConfig) -> MatMambaVision:
         return MatMambaVision(config, head=copy.deepcopy(self.head))
 
+    def custom_head(self) -> nn.Module | None:
+        """The head, unless it is the default `ClassifierHead` for `config.num_classes`."""
+        head, cfg = self.head, self.config
+        default = (
+            type(head) is ClassifierHead
+            and head.fc.in_features == cfg.d_model
+            and head.fc.out_features == cfg.num_classes
+        )
+        return None if default else head
+
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh classifier for `num_classes` (fine-tuning on another label set)."""
         self.config = self.config.replace(num_classes=num_classes)

@@ -1,7 +1,9 @@
 """Lightning training of nested models: the modules, callbacks, optimizer defaults, parallelism."""
 
+from lit_matmamba.io import load_model
+
 from .callbacks import GranularityCharts, MixNMatchCurve, PredictionWriter, ThroughputMonitor
-from .module import ImageClassification, LanguageModeling, NestedModule, load_model
+from .module import ImageClassification, LanguageModeling, NestedModule
 from .optim import WarmupCosine, adamw, param_groups
 
 __all__ = [

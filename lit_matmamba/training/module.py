@@ -7,7 +7,6 @@ injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -19,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
+from lit_matmamba.io import checkpoint_metadata
 from lit_matmamba.models.config import Width
 
 from . import parallel
@@ -78,6 +78,11 @@ class NestedModule(L.LightningModule):
 
     # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
     chart_metrics: tuple[tuple[str, str], ...] = (("train", "loss"), ("val", "loss"))
+    # A custom head of the model as {"class_path", "init_args"}, the way a YAML config gives it.
+    # `MatMambaCLI` fills it in from the config; checkpoints record it so that `load_model`
+    # rebuilds the head. Set it yourself for a head built in Python whose arguments `load_model`
+    # cannot read off it (an `nn.Linear`'s it can).
+    head_spec: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -391,16 +396,18 @@ class NestedModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    # Checkpoints carry the model's config and the granularities, so `load_model` rebuilds the
-    # model without the YAML.
+    # Checkpoints carry what rebuilds and deploys the plain model without the YAML: its class,
+    # config and granularities, a custom head's class path and arguments, the data module's
+    # tokenizer and sequence length (the format: lit_matmamba/io.py).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self.model, "config"):
-            cls = parallel.model_class(self.model)  # the model's own class, not FSDP2's wrapper class
-            checkpoint["matmamba"] = {
-                "class": f"{cls.__module__}.{cls.__qualname__}",
-                "config": self.model.config.to_dict(),
-                "granularities": list(self.granularities),
-            }
+            checkpoint["matmamba"] = checkpoint_metadata(
+                self.model,
+                self.granularities,
+                head=self.head_spec,
+                datamodule=getattr(self.trainer, "datamodule", None),
+                cls=parallel.model_class(self.model),  # the model's own class, not FSDP2's wrapper
+            )
         # By name, not position, so that a one-process checkpoint resumes sharded and back.
         parallel.key_optimizer_states_by_name(
             checkpoint,
@@ -509,31 +516,3 @@ class ImageClassification(NestedModule):
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         if hasattr(datamodule, "check_num_classes"):
             datamodule.check_num_classes(self.model.config.num_classes)
-
-
-def load_model(checkpoint_path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The plain-PyTorch model saved in a Lightning checkpoint of this project (no Lightning
-    needed to use it afterwards): a single file, or the directory of a distributed checkpoint."""
-    import importlib
-
-    from lit_matmamba.models.config import MatMambaConfig
-
-    if Path(checkpoint_path).is_dir():  # a distributed checkpoint (ModelParallelStrategy's default)
-        from .parallel import load_full_checkpoint
-
-        ckpt = load_full_checkpoint(checkpoint_path)
-    else:
-        ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
-    if "matmamba" not in ckpt:
-        raise ValueError(
-            f"{checkpoint_path} has no 'matmamba' entry: was it written by lit_matmamba's trainer?"
-        )
-    module_name, _, cls_name = ckpt["matmamba"]["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    config = ckpt["matmamba"]["config"]
-    config["A_init_range"] = tuple(config["A_init_range"])
-    config.pop("granularities", None)  # a config field in checkpoints written before 0.2
-    model = cls(MatMambaConfig(**config))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model

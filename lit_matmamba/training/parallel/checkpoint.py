@@ -91,7 +91,9 @@ def to_distributed_checkpoint(path: str | Path, directory: str | Path) -> Path:
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from lit_matmamba.io import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
     tensors = {"state_dict": checkpoint.pop("state_dict")}
     for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
         tensors[f"optimizer_{i}"] = state

@@ -1,0 +1,336 @@
+"""The bad-input battery (issue #26, "Nothing silent"): each case does one thing a user can get wrong
+and must end in one clear error, or a warning, that names the problem and the fix, before work is
+wasted.
+
+A case is a function of ``tmp_path`` registered with ``@bad_input(expected, match)``: it must raise
+``expected`` (or warn it, for a ``Warning`` subclass) with a message that ``match`` (a regex, searched)
+finds. Add a case by writing one more such function; the helpers above the cases build small data sets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lit_matmamba.data.prepare import main as prepare_main
+from lit_matmamba.data.prepare_images import ShardError, UnreadableImageError, prepare_images, verify_shards
+from lit_matmamba.data.prepare_text import prepare_text
+from lit_matmamba.data.text import TextDataModule
+from lit_matmamba.data.tokenizer import EOS_TOKEN
+from lit_matmamba.data.vision import ImageDataModule
+
+CASES: list = []
+
+
+def bad_input(expected: type[BaseException] | type[Warning], match: str) -> Callable:
+    """Register the decorated ``case(tmp_path)``: it must raise (or warn) ``expected``, matching ``match``."""
+
+    def register(case: Callable[[Path], object]) -> Callable[[Path], object]:
+        CASES.append(pytest.param(case, expected, match, id=case.__name__))
+        return case
+
+    return register
+
+
+# --------------------------------------------------------------------------- helpers
+
+PLAIN = dict(randaugment_ops=0, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+WORDS = 12 * 8  # text_data: 12 stored sequences of 8 tokens
+
+
+def text_data(tmp: Path) -> Path:
+    """Shards of 12 sequences of 8 tokens, 4 per shard, from a word-level tokenizer of ``WORDS + 2`` ids."""
+    vocab = {EOS_TOKEN: 0, **{f"w{i}": i for i in range(1, WORDS + 1)}, "[UNK]": WORDS + 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([EOS_TOKEN])
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "words.txt").write_text(" ".join(f"w{i}" for i in range(1, WORDS + 1)))
+    text = str(tmp / "words.txt")
+    out = tmp / "text"
+    prepare_text(
+        out, tmp / "tokenizer.json", train=text, val=text, seq_len=8, sequences_per_shard=4, progress=False
+    )
+    return out
+
+
+def read_text(location: Path | str, **kwargs) -> None:
+    """One epoch of the train split, as training reads it."""
+    dm = TextDataModule(str(location), seq_len=8, batch_size=2, num_workers=0, **kwargs)
+    for _ in dm.train_dataloader():
+        pass
+
+
+def image_data(tmp: Path, **kwargs) -> Path:
+    """Shards of 4 train and 2 val 6x5 PNGs of two classes, 2 samples per shard."""
+    for split, n in (("train", 4), ("val", 2)):
+        for k in range(n):
+            path = tmp / "src" / split / ("cat", "dog")[k % 2] / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (6, 5), (40 * k, 9, 90)).save(path)
+    out = tmp / "images"
+    prepare_images(tmp / "src", out, samples_per_shard=2, **kwargs)
+    return out
+
+
+def read_images(location: Path | str) -> None:
+    dm = ImageDataModule(str(location), batch_size=2, num_workers=0, img_size=4, **PLAIN)
+    dm.setup("fit")
+    for _ in dm.train_dataloader():
+        pass
+
+
+def edit_index(folder: Path, edit: Callable[[dict], None]) -> None:
+    index = json.loads((folder / "index.json").read_text())
+    edit(index)
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def first_token_offset(shard: Path) -> int:
+    """Byte offset of the first token of the first sequence of a text shard."""
+    data = shard.read_bytes()
+    npy = data.index(b"\x93NUMPY")
+    return npy + 10 + int.from_bytes(data[npy + 8 : npy + 10], "little")
+
+
+def overwrite(path: Path, offset: int, value: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(value)] = value
+    path.write_bytes(bytes(data))
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    """The lowest bit of byte ``offset`` of ``path``: the damage a bad disk or copy does."""
+    overwrite(path, offset, bytes([path.read_bytes()[offset] ^ 1]))
+
+
+# --------------------------------------------------------------------------- prepare text: inputs
+
+
+@bad_input(ValueError, r"nul\.txt is not text: it holds a NUL byte \(first at byte 0\)")
+def prepare_text_file_of_nul_bytes(tmp):
+    (tmp / "nul.txt").write_bytes(b"\0" * 4096)
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "nul.txt"), seq_len=8)
+
+
+@bad_input(ValueError, r"late\.txt is not text: it holds a NUL byte \(first at character 70000\)")
+def prepare_text_nul_byte_past_the_checked_start(tmp):
+    (tmp / "late.txt").write_bytes(b"w1 " * 23333 + b"w\0")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "late.txt"), seq_len=8)
+
+
+@bad_input(ValueError, r"latin1\.jsonl is not UTF-8 text .*convert it to UTF-8")
+def prepare_text_not_utf8(tmp):
+    (tmp / "latin1.jsonl").write_bytes(
+        json.dumps({"text": "caf\xe9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9")
+    )
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "latin1.jsonl"), seq_len=8)
+
+
+@bad_input(ValueError, r"plain\.txt\.gz is not a readable \.txt\.gz file \(Not a gzipped file")
+def prepare_text_gz_that_is_not_gzip(tmp):
+    (tmp / "plain.txt.gz").write_text("w1 w2 w3")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "plain.txt.gz"), seq_len=8)
+
+
+@bad_input(ValueError, r"cut\.txt\.gz is damaged \(Compressed file ended")
+def prepare_text_truncated_gz(tmp):
+    words = random.Random(0).choices([f"w{i}" for i in range(1, WORDS + 1)], k=100_000)
+    (tmp / "cut.txt.gz").write_bytes(gzip.compress(" ".join(words).encode())[:100_000])
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "cut.txt.gz"), seq_len=8)
+
+
+@bad_input(ValueError, r"fake\.parquet is not a readable parquet file")
+def prepare_text_parquet_that_is_not_parquet(tmp):
+    (tmp / "fake.parquet").write_text("w1 w2 w3")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "fake.parquet"), seq_len=8)
+
+
+@bad_input(ValueError, r"unsupported input file type: .*data\.csv")
+def prepare_text_unsupported_input(tmp):
+    (tmp / "data.csv").write_text("text\nw1\n")
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "data.csv"), seq_len=8)
+
+
+@bad_input(FileExistsError, r"text already exists: pass overwrite=True")
+def prepare_text_into_an_existing_output(tmp):
+    data = text_data(tmp)
+    prepare_text(data, data / "tokenizer.json", train=str(tmp / "words.txt"), seq_len=8, progress=False)
+
+
+@bad_input(SystemExit, r"^error: tokenizer file .*missing\.json not found")
+def prepare_text_command_without_its_tokenizer(tmp):
+    (tmp / "a.txt").write_text("w1 w2")
+    prepare_main(
+        ["text", "--output_dir", str(tmp / "o"), "--tokenizer", str(tmp / "missing.json")]
+        + ["--train", str(tmp / "a.txt")]
+    )
+
+
+# --------------------------------------------------------------------------- text shards
+
+
+@bad_input(FileNotFoundError, r"nowhere/index\.json not found: point data_dir at a folder made by")
+def text_data_dir_that_does_not_exist(tmp):
+    read_text(tmp / "nowhere")
+
+
+@bad_input(
+    ValueError, r"has format version 99, this code reads version 1: run `python main.py prepare text` again"
+)
+def text_index_of_another_version(tmp):
+    data = text_data(tmp)
+    edit_index(data, lambda index: index.update(version=99))
+    read_text(data)
+
+
+@bad_input(
+    FileNotFoundError, r"split 'train' .* 1 shard\(s\) listed in the index not found: .*train-00001\.tar"
+)
+def text_shard_missing(tmp):
+    data = text_data(tmp)
+    (data / "train-00001.tar").unlink()
+    read_text(data)
+
+
+@bad_input(
+    ShardError,
+    r"shard .*train-00001\.tar is damaged .*: its sha256 is [0-9a-f]{64}, the index lists [0-9a-f]{64}; copy",
+)
+def text_shard_damaged_with_token_ids_in_range(tmp):
+    data = text_data(tmp)
+    shard = data / "train-00001.tar"
+    flip_bit(shard, first_token_offset(shard))  # token id 33 becomes 32: in range
+    read_text(data)
+
+
+@bad_input(ShardError, r"shard file://.*train-00002\.tar is damaged .*sha256")
+def text_shard_damaged_read_through_a_url(tmp):
+    data = text_data(tmp)
+    flip_bit(data / "train-00002.tar", first_token_offset(data / "train-00002.tar"))
+    read_text(f"file://{data}", shuffle=False)
+
+
+@bad_input(
+    ValueError,
+    r"train-00001\.tar of split 'train': sequence 0000000004 holds token id 65535, but index\.json gives vocab_size 98",
+)
+def text_token_id_beyond_the_vocabulary(tmp):
+    # A shard whose index lies about its tokenizer: the checksum matches, the ids do not.
+    data = text_data(tmp)
+    shard = data / "train-00001.tar"
+    overwrite(shard, first_token_offset(shard), b"\xff\xff")
+    sha256 = hashlib.sha256(shard.read_bytes()).hexdigest()
+    edit_index(data, lambda index: index["splits"]["train"]["shards"][1].update(sha256=sha256))
+    read_text(data)
+
+
+@bad_input(
+    UserWarning,
+    r"index\.json lists no sha256 of its shards .* run `python main.py prepare text` again with --overwrite true",
+)
+def text_index_without_checksums(tmp):
+    data = text_data(tmp)
+    edit_index(data, lambda index: [s.pop("sha256") for e in index["splits"].values() for s in e["shards"]])
+    read_text(data)
+
+
+@bad_input(
+    ValueError, r"vocab_size 98\), but the model has vocab_size 64: set the model's vocab_size to at least 98"
+)
+def text_model_vocabulary_smaller_than_the_data(tmp):
+    from lit_matmamba import MatMambaLM
+    from lit_matmamba.models import MatMambaConfig
+    from lit_matmamba.training import LanguageModeling
+
+    module = LanguageModeling(MatMambaLM(MatMambaConfig.from_name("lm-tiny", vocab_size=64)))
+    module.check_data(TextDataModule(str(text_data(tmp))))
+
+
+# --------------------------------------------------------------------------- images
+
+
+@bad_input(FileNotFoundError, r"data_dir .*nowhere does not exist")
+def image_data_dir_that_does_not_exist(tmp):
+    read_images(tmp / "nowhere")
+
+
+@bad_input(UnreadableImageError, r"bad\.png: cannot decode image")
+def image_corrupt_in_a_strict_pack(tmp):
+    (tmp / "src/train/cat").mkdir(parents=True)
+    (tmp / "src/train/cat/bad.png").write_bytes(b"not a png")
+    image_data(tmp, strict=True)
+
+
+@bad_input(UserWarning, r"split 'train': skipped 1 unreadable image\(s\): train/cat/bad\.png")
+def image_corrupt_left_out_of_a_pack(tmp):
+    (tmp / "src/train/cat").mkdir(parents=True)
+    (tmp / "src/train/cat/bad.png").write_bytes(b"not a png")
+    image_data(tmp)
+
+
+@bad_input(FileExistsError, r"images already exists: pass overwrite=True")
+def image_pack_into_an_existing_output(tmp):
+    image_data(tmp)
+    prepare_images(tmp / "src", tmp / "images")
+
+
+@bad_input(
+    ValueError,
+    r"has format version 2, this code reads version 1: run `python main.py prepare images pack` again",
+)
+def image_index_of_another_version(tmp):
+    data = image_data(tmp)
+    edit_index(data, lambda index: index.update(version=2))
+    read_images(data)
+
+
+@bad_input(FileNotFoundError, r"split 'val' .* 1 shard\(s\) listed in the index not found: .*val-00000\.tar")
+def image_shard_missing(tmp):
+    data = image_data(tmp)
+    (data / "val-00000.tar").unlink()
+    read_images(data)
+
+
+@bad_input(ShardError, r"shard .*train-00001\.tar is damaged .*: its sha256 is [0-9a-f]{64}, the index lists")
+def image_shard_damaged(tmp):
+    data = image_data(tmp)
+    flip_bit(data / "train-00001.tar", 530)  # inside the first image
+    read_images(data)
+
+
+@bad_input(ShardError, r"shards do not match the index:\n  shard .*val-00000\.tar is damaged")
+def image_shard_damaged_found_by_verify(tmp):
+    data = image_data(tmp)
+    flip_bit(data / "val-00000.tar", 530)
+    verify_shards(data)
+
+
+@bad_input(UserWarning, r"index\.json lists no sha256 of its shards .*prepare images pack` again")
+def image_index_without_checksums(tmp):
+    data = image_data(tmp)
+    edit_index(data, lambda index: [entry.pop("sha256") for entry in index["splits"].values()])
+    read_images(data)
+
+
+@bad_input(ValueError, r"the model head has 10 classes but the data at .* has 2 \(cat, dog\)")
+def image_model_head_of_another_size(tmp):
+    ImageDataModule(str(image_data(tmp))).check_num_classes(10)
+
+
+# --------------------------------------------------------------------------- the battery
+
+
+@pytest.mark.parametrize("case, expected, match", CASES)
+def test_bad_input(case, expected, match, tmp_path):
+    check = pytest.warns if issubclass(expected, Warning) else pytest.raises
+    with check(expected, match=match):
+        case(tmp_path)
