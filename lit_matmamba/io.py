@@ -257,8 +257,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 }
             return checkpoint
         raise FileNotFoundError(
-            f"{path} is neither a checkpoint file, a distributed checkpoint (.metadata), an exported "
-            f"model ({META_FILE}) nor a mamba-ssm checkpoint (config.json)"
+            f"{path} is neither a checkpoint file, an exported model ({META_FILE}), a mamba-ssm "
+            "checkpoint (config.json) nor a distributed checkpoint (.metadata)"
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)

@@ -131,6 +131,42 @@ def test_a_mesh_that_does_not_fit_the_world_is_a_clear_error(sizes):
         parallel.resolve_mesh_sizes(strategy, 2)
 
 
+def test_a_distributed_checkpoint_reads_wherever_a_single_file_does(tmp_path):
+    """io.read_checkpoint opens a distributed checkpoint's directory as it opens a file: load_model,
+    export (io.load + save) and embed's record give the file's model and entries; a directory of
+    torch.distributed.checkpoint without Lightning's meta.pt is a clear error."""
+    from lit_matmamba.embed import checkpoint_record
+    from lit_matmamba.io import checkpoint_metadata, load, load_model
+
+    model = tiny().float()  # as load_model builds it
+    torch.save(
+        {
+            "matmamba": checkpoint_metadata(model, [64, 32]),
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_states": [],
+            "global_step": 7,
+        },
+        tmp_path / "one.ckpt",
+    )
+    directory = parallel.to_distributed_checkpoint(tmp_path / "one.ckpt", tmp_path / "dcp")
+    assert (directory / ".metadata").is_file()
+    expected = model.state_dict()
+    for source in (tmp_path / "one.ckpt", directory):
+        got = load_model(source).state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), source
+    record = checkpoint_record(directory)
+    assert (record.granularities, record.global_step) == ([64, 32], 7)
+    exported = load(directory).save(tmp_path / "w32", 32)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(exported)(ids), model(ids, 32), rtol=0, atol=0)
+
+    (directory / "meta.pt").unlink()
+    with pytest.raises(ValueError, match="not a distributed checkpoint .* as ModelParallelStrategy writes"):
+        load_model(directory)
+
+
 # Several processes ---------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -3,6 +3,7 @@ written as a distributed checkpoint, optimizer state keyed by parameter name."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def to_distributed_checkpoint(path: str | Path, directory: str | Path) -> Path:
     tensors = {"state_dict": checkpoint.pop("state_dict")}
     for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
         tensors[f"optimizer_{i}"] = state
-    dcp.save(tensors, checkpoint_id=directory, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save(tensors, checkpoint_id=directory, no_dist=True)
     torch.save(checkpoint, directory / METADATA_FILENAME)
     return directory
