@@ -90,8 +90,16 @@ class MatMambaCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and os.path.isfile(ckpt_path) and rank_zero_only.rank == 0:
             # ModelParallelStrategy loads a single file one parameter at a time, which sharded
-            # mixers cannot; the distributed copy loads whole (the other ranks read rank 0's path).
-            directory = tempfile.mkdtemp(prefix="lit-matmamba-ckpt-")
+            # mixers cannot; the distributed copy loads whole. Every rank reads rank 0's path (the
+            # strategy broadcasts it), so the copy goes beside the file, where every node of a
+            # run sees it, or to the temporary folder where that folder is read-only.
+            try:
+                directory = tempfile.mkdtemp(
+                    prefix=f".{os.path.basename(ckpt_path)}.distributed-",
+                    dir=os.path.dirname(os.path.abspath(ckpt_path)),
+                )
+            except OSError:
+                directory = tempfile.mkdtemp(prefix="lit-matmamba-ckpt-")
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
             config["ckpt_path"] = str(parallel.to_distributed_checkpoint(ckpt_path, directory))
 
