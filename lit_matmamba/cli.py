@@ -128,6 +128,12 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    # Under several processes: the epoch metrics are torchmetrics, whose compute() already reduces
+    # over the processes, and the throughput is counted over the replicas (callbacks.py); FSDP2
+    # flags the first block's residual, which it returns as given (a view FSDP2's input hook
+    # made), but nothing changes it in place (add_rmsnorm writes a new tensor).
+    warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
