@@ -88,6 +88,10 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    if args is not None:
+        # main(args) reads `args` only; sys.argv then belongs to the caller (a Jupyter kernel's,
+        # a test runner's), so LightningCLI's warning about both being given does not apply.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]

@@ -3,7 +3,7 @@
 from lit_matmamba.io import load_model
 
 from .callbacks import GranularityCharts, MixNMatchCurve, PredictionWriter, ThroughputMonitor
-from .module import ImageClassification, LanguageModeling, NestedModule
+from .module import ImageClassification, LanguageModeling, NestedModule, TokenClassification
 from .optim import WarmupCosine, adamw, param_groups
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "NestedModule",
     "PredictionWriter",
     "ThroughputMonitor",
+    "TokenClassification",
     "WarmupCosine",
     "adamw",
     "load_model",

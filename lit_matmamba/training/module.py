@@ -443,3 +443,78 @@ class ImageClassification(NestedModule):
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         if hasattr(datamodule, "check_num_classes"):
             datamodule.check_num_classes(self.model.config.num_classes)
+
+
+class TokenClassification(NestedModule):
+    """One label per token (tagging) from a custom head on a language model's features.
+
+    Batches are `(input_ids, labels)`, both (B, L); a label of -100 (`ignore_index`, as in
+    `F.cross_entropy`) marks a token without one. The model is a `MatMambaLM` whose head maps the
+    per-token features (B, L, d_model) to one logit per class, (B, L, num_classes), given in the
+    config (`model.init_args.head`). The model is causal: a token's label can only be predicted
+    from that token and those before it. Loss: the mean cross-entropy over labelled tokens.
+    Metrics per width: that loss and the accuracy, both over every labelled token of the split.
+    """
+
+    chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "acc"))
+    ignore_index = -100
+
+    def logits(self, input_ids: torch.Tensor, labels: torch.Tensor, width: Width) -> torch.Tensor:
+        """The head's outputs (B, L, num_classes) in float32, after checking they fit the labels."""
+        logits = self.model(input_ids, width)
+        if logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"the model gives outputs of shape {tuple(logits.shape)} for labels of shape "
+                f"{tuple(labels.shape)}: a token classifier's head maps (B, L, d_model) to (B, L, classes)"
+            )
+        return logits.float()
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens (0 for a batch without any)."""
+        input_ids, labels = batch
+        logits = self.logits(input_ids, labels, width)
+        total = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index, reduction="sum"
+        )
+        # Divided by the count rather than reduction="mean", which gives NaN for a batch without labels.
+        return total / (labels != self.ignore_index).sum().clamp(min=1)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "acc": torchmetrics.MeanMetric()})
+
+    @torch.no_grad()
+    def update_metrics(
+        self, metrics: nn.ModuleDict, batch: tuple[torch.Tensor, torch.Tensor], width: Width
+    ) -> None:
+        input_ids, labels = batch
+        labelled = labels != self.ignore_index  # (B, L)
+        count = int(labelled.sum())
+        if count == 0:
+            return
+        logits = self.logits(input_ids, labels, width)[labelled]  # (N, C)
+        labels = labels[labelled]  # (N,)
+        # Weighted by the batch's labelled tokens: the split's metric is a mean over tokens.
+        metrics["loss"].update(F.cross_entropy(logits, labels), weight=count)
+        metrics["acc"].update((logits.argmax(-1) == labels).float().mean(), weight=count)
+
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per token and evaluated width: the predicted class, `{"class/w512": (B, L), ...}`, and
+        the labels as `"target"`."""
+        input_ids, labels = batch
+        out = {
+            f"class/{label}": self.logits(input_ids, labels, width).argmax(-1)
+            for label, width in self.evaluated()
+        }
+        out["target"] = labels
+        return out
+
+    def batch_size(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].shape[0]
+
+    def batch_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if hasattr(datamodule, "check_vocab"):
+            datamodule.check_vocab(self.model.config.vocab_size)
