@@ -51,7 +51,6 @@ import hashlib
 import importlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import zipfile
@@ -230,9 +229,14 @@ def _read_tokenizer(location: str) -> tuple[str, str]:
     return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict of a Lightning checkpoint (the one place a training checkpoint is opened), with a
-    clear error for anything else."""
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """The dict of a training checkpoint written by this project's trainer (the one place such a
+    checkpoint is opened), or a ValueError "PATH is not a lit-matmamba training checkpoint: WHAT IT
+    IS" for anything else (a text file, another binary, a plain state dict, another module's
+    Lightning checkpoint). `mmap`: map the tensors instead of reading them (cheap, for a look at the
+    entries of a big file)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
@@ -241,11 +245,40 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} is neither a checkpoint file, an exported model ({META_FILE}) nor a mamba-ssm "
             "checkpoint (config.json)"
         )
+    fix = "pass a .ckpt written by `main.py fit` (e.g. <log dir>/checkpoints/last.ckpt)"
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        mmap = mmap and zipfile.is_zipfile(path)  # files of torch.save's legacy format do not map
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except OSError:
+        raise
+    except Exception as err:  # whatever unpickling arbitrary bytes raises
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({first})") from None
+        what = "a text file" if _is_text(path) else f"not a PyTorch checkpoint ({first})"
+        raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}") from None
+    what = None
+    if not isinstance(ckpt, dict):
+        what = f"it holds a {type(ckpt).__name__}, not a checkpoint's dict"
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        what = "it is a plain state dict (torch.save(model.state_dict())), without the training state"
+    elif "state_dict" in ckpt and "pytorch-lightning_version" in ckpt and "matmamba" not in ckpt:
+        what = "a Lightning checkpoint written by another module (it has no 'matmamba' entry)"
+    elif "state_dict" not in ckpt or "matmamba" not in ckpt:
+        what = f"a dict without a training checkpoint's entries (it has {sorted(map(str, ckpt))[:6]})"
+    if what is not None:
+        raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}")
+    return ckpt
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the start of `path` reads as UTF-8 text (no NUL byte)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end
+            return False
+    return b"\0" not in head
 
 
 def load(
@@ -277,9 +310,7 @@ def load(
                 pretrained.eos_token = EOS_TOKEN
             return pretrained
     ckpt = read_checkpoint(path, map_location)
-    meta = ckpt.get("matmamba") if isinstance(ckpt, dict) else None
-    if meta is None or "state_dict" not in ckpt:
-        raise ValueError(f"{path} was not written by lit-matmamba's trainer (it has no 'matmamba' entry)")
+    meta = ckpt["matmamba"]
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model = _build(meta, state, map_location, head, str(path))
     return Pretrained(

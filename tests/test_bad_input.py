@@ -9,17 +9,21 @@ finds. Add a case by writing one more such function; the helpers above the cases
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from lit_matmamba.cli import main as cli_main
 from lit_matmamba.data.prepare import main as prepare_main
 from lit_matmamba.data.prepare_images import ShardError, UnreadableImageError, prepare_images, verify_shards
 from lit_matmamba.data.prepare_text import prepare_text
@@ -110,6 +114,20 @@ def overwrite(path: Path, offset: int, value: bytes) -> None:
 def flip_bit(path: Path, offset: int) -> None:
     """The lowest bit of byte ``offset`` of ``path``: the damage a bad disk or copy does."""
     overwrite(path, offset, bytes([path.read_bytes()[offset] ^ 1]))
+
+
+LM_DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "lm_demo.yaml")
+
+
+def cli(*args: str) -> None:
+    """`main.py ARGS` as a user sees it: a SystemExit whose message is what it wrote to stderr and
+    its exit message (a parse error prints its message and exits with a status only)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cli_main(list(args))
+    except SystemExit as done:
+        raise SystemExit(err.getvalue() + (done.code if isinstance(done.code, str) else "")) from None
 
 
 # --------------------------------------------------------------------------- prepare text: inputs
@@ -324,6 +342,64 @@ def image_index_without_checksums(tmp):
 @bad_input(ValueError, r"the model head has 10 classes but the data at .* has 2 \(cat, dog\)")
 def image_model_head_of_another_size(tmp):
     ImageDataModule(str(image_data(tmp))).check_num_classes(10)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@bad_input(
+    SystemExit,
+    r"unrecognized arguments: --optimizer=torch\.optim\.SGD\n  The optimizer and LR schedule are the "
+    r"model's: give them as --model\.init_args\.optimizer and --model\.init_args\.scheduler",
+)
+def cli_top_level_optimizer(tmp):
+    # LightningCLI's own --optimizer replaced the model's optimizer and dropped its schedule silently.
+    cli("fit", "--config", LM_DEMO, "--optimizer=torch.optim.SGD", "--print_config")
+
+
+@bad_input(SystemExit, r"'lr_scheduler.*\n  The optimizer and LR schedule are the model's")
+def cli_top_level_lr_scheduler_in_a_config(tmp):
+    (tmp / "sched.yaml").write_text("lr_scheduler:\n  class_path: torch.optim.lr_scheduler.StepLR\n")
+    cli("fit", "--config", LM_DEMO, "--config", str(tmp / "sched.yaml"), "--print_config")
+
+
+@bad_input(
+    SystemExit, r"(?m)^error: eval_widths\[0\]: width 100 is not valid for layer 0: allowed widths are"
+)
+def cli_eval_width_that_does_not_exist(tmp):
+    cli("fit", "--config", LM_DEMO, "--model.init_args.eval_widths=[100]")
+
+
+@bad_input(SystemExit, r"(?m)^error: granularities: width 30 is not valid for layer 0")
+def cli_granularity_that_does_not_exist(tmp):
+    cli("fit", "--config", LM_DEMO, "--model.init_args.granularities=[128, 30]")
+
+
+NOT_A_CHECKPOINT = (
+    r"(?m)^error: .*{} is not a lit-matmamba training checkpoint: {}.*; pass a \.ckpt written by"
+)
+
+
+@bad_input(
+    SystemExit, NOT_A_CHECKPOINT.format("random.ckpt", r"not a PyTorch checkpoint \(invalid load key, .*\)")
+)
+def ckpt_path_random_bytes(tmp):
+    (tmp / "random.ckpt").write_bytes(random.Random(0).randbytes(3000).replace(b"\x80", b"\x81"))
+    cli("validate", "--config", LM_DEMO, "--ckpt_path", str(tmp / "random.ckpt"))
+
+
+@bad_input(SystemExit, NOT_A_CHECKPOINT.format("weights.pt", r"it is a plain state dict \(torch\.save"))
+def ckpt_path_plain_state_dict(tmp):
+    from lit_matmamba import MatMambaLM
+
+    torch.save(MatMambaLM("lm-tiny").state_dict(), tmp / "weights.pt")
+    cli("fit", "--config", LM_DEMO, "--ckpt_path", str(tmp / "weights.pt"))
+
+
+@bad_input(SystemExit, NOT_A_CHECKPOINT.format("notes.txt", "a text file"))
+def ckpt_path_text_file(tmp):
+    (tmp / "notes.txt").write_text("step 300: val/loss 4.1\n")
+    cli("test", "--config", LM_DEMO, "--ckpt_path", str(tmp / "notes.txt"))
 
 
 # --------------------------------------------------------------------------- the battery

@@ -63,6 +63,14 @@ def test_help_explains_the_commands(capsys):
     assert "images" in capsys.readouterr().out
 
 
+def test_model_help_lists_the_models_not_every_torch_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_matmamba.training.LanguageModeling"])
+    out = capsys.readouterr().out
+    assert "lit_matmamba.MatMambaLM" in out and "lit_matmamba.MatMambaVision" in out
+    assert "torch.nn.Linear" not in out and len(out.splitlines()) < 200
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
 def test_bench_without_a_gpu_says_so_in_one_line():
     with pytest.raises(SystemExit, match="runs on a CUDA GPU"):

@@ -323,10 +323,12 @@ def test_old_checkpoints_still_load(lm_checkpoint, tmp_path):
 
 def test_load_refuses_other_files(tmp_path):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="notes.ckpt is not a lit-matmamba training checkpoint: a text file"):
         load(tmp_path / "notes.ckpt")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="not written by lit-matmamba"):
+    with pytest.raises(
+        ValueError, match="other.ckpt is not a lit-matmamba training checkpoint: a dict without"
+    ):
         load(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file, an exported model"):
         load(tmp_path)
@@ -435,7 +437,7 @@ def test_commands_refuse_bad_input_in_one_line(lm_checkpoint, tmp_path, capsys):
     )
     assert "either --ckpt_path" in command_error(["generate", "--prompt", "hi"], capsys)
     (tmp_path / "notes.ckpt").write_text("hello")
-    assert "not a PyTorch checkpoint" in command_error(
+    assert "not a lit-matmamba training checkpoint: a text file" in command_error(
         ["generate", "--ckpt_path", str(tmp_path / "notes.ckpt"), "--prompt", "hi"], capsys
     )
     error = command_error(

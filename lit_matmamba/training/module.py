@@ -1,6 +1,6 @@
 """LightningModules that train every granularity of a nested model on the same batch.
 
-The model (a plain-PyTorch `MatMambaLM` or `MatMambaVision`, or any module taking `width`) is
+The model (a plain-PyTorch `MatMambaLM`, `MatMambaVision` or other `NestedModel`, taking `width`) is
 injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 """
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
 from lit_matmamba.io import checkpoint_metadata
+from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
 from .joint import capture_joint_step, joint_backward
@@ -76,7 +77,7 @@ class NestedModule(L.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: NestedModel,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
         eval_widths: list[int | list[int]] | None = None,
