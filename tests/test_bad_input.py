@@ -130,6 +130,56 @@ def cli(*args: str) -> None:
         raise SystemExit(err.getvalue() + (done.code if isinstance(done.code, str) else "")) from None
 
 
+def tiny_module(**kwargs):
+    from lit_matmamba import MatMambaLM
+    from lit_matmamba.models import MatMambaConfig
+    from lit_matmamba.training import LanguageModeling
+
+    torch.manual_seed(0)
+    model = MatMambaLM(MatMambaConfig.from_name("lm-tiny", vocab_size=WORDS + 2))
+    kwargs.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=1e-2))
+    return LanguageModeling(model, **kwargs)
+
+
+def fit(tmp: Path, module, ckpt_path: Path | None = None, callbacks=(), **trainer_kwargs):
+    """Fit ``module`` on 4 batches of random tokens (an epoch) with a ModelCheckpoint(save_last) in
+    ``tmp / "ckpt"``; returns the trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lit_matmamba.training import ModelCheckpoint
+
+    data = torch.randint(0, WORDS + 2, (16, 9), generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(
+        **{
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": tmp,
+            "num_sanity_val_steps": 0,
+            "callbacks": [ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True), *callbacks],
+            **trainer_kwargs,
+        }
+    )
+    loader = DataLoader(data, batch_size=4)
+    trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def break_weights_at(step: int):
+    """A callback that makes the weights NaN before optimizer step ``step`` + 1 (a diverged run)."""
+    import lightning as L
+
+    class Break(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                with torch.no_grad():
+                    pl_module.model.backbone.norm_f.weight.fill_(float("nan"))
+
+    return Break()
+
+
 # --------------------------------------------------------------------------- prepare text: inputs
 
 
@@ -402,6 +452,27 @@ def ckpt_path_text_file(tmp):
     cli("test", "--config", LM_DEMO, "--ckpt_path", str(tmp / "notes.txt"))
 
 
+# --------------------------------------------------------------------------- training
+
+
+@bad_input(
+    UserWarning, r"check_finite is false and a training loss was NaN or inf by step 1: training goes on"
+)
+def training_on_nan_with_check_finite_off(tmp):
+    fit(
+        tmp,
+        tiny_module(check_finite=False),
+        callbacks=[break_weights_at(1)],
+        max_steps=3,
+        log_every_n_steps=2,
+    )
+
+
+@bad_input(UserWarning, r"the weights hold NaN or inf at step 3: no checkpoint is written while they do")
+def checkpoint_of_nan_weights(tmp):
+    fit(tmp, tiny_module(check_finite=False), callbacks=[break_weights_at(2)], max_steps=3)
+
+
 # --------------------------------------------------------------------------- the battery
 
 
@@ -410,3 +481,27 @@ def test_bad_input(case, expected, match, tmp_path):
     check = pytest.warns if issubclass(expected, Warning) else pytest.raises
     with check(expected, match=match):
         case(tmp_path)
+
+
+# --------------------------------------------------------------------------- promises kept
+
+
+def test_last_checkpoint_is_at_the_final_step(tmp_path):
+    """A fit that stops at max_steps between validations: last.ckpt is the final step's."""
+    fit(tmp_path, tiny_module(), max_steps=3, val_check_interval=2, limit_val_batches=1)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_a_finite_last_checkpoint_is_not_overwritten_by_nan_weights(tmp_path):
+    with pytest.warns(UserWarning, match="the weights hold NaN or inf at step 4"):
+        fit(
+            tmp_path,
+            tiny_module(check_finite=False),
+            callbacks=[break_weights_at(2)],
+            max_steps=4,
+            val_check_interval=2,
+            limit_val_batches=1,
+        )
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -50,7 +50,8 @@ class NestedModule(L.LightningModule):
             flag: the step is optimised by hand).
         gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
             the Trainer's flag).
-        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step);
+            false: warn once and train on (checked every `log_every_n_steps` steps).
         direct_weight_grads: add each width's weight gradients straight into the used block of
             `.grad` (`lit_matmamba.models.nested_linear`: memory traffic proportional to the width
             instead of full-size per width). None: on when training in one process; it cannot be
@@ -129,6 +130,8 @@ class NestedModule(L.LightningModule):
         self.ssd_configs = ssd_configs
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
+        self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
+        self._non_finite_warned = False
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.evaluated()})
@@ -214,8 +217,27 @@ class NestedModule(L.LightningModule):
                 f"per-width losses are logged under train/loss/w*. Lower the learning rate, "
                 f"check the data, or use bf16 rather than fp16."
             )
+        if not self.check_finite:
+            self._warn_non_finite_once(total)
         self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
         return total
+
+    def _warn_non_finite_once(self, total: torch.Tensor) -> None:
+        """check_finite=False: warn once when a training loss was NaN or inf. The flag stays on the
+        device and is looked at every `log_every_n_steps` steps (no host sync of its own otherwise)."""
+        if self._non_finite_warned:
+            return
+        bad = ~torch.isfinite(total.detach())
+        self._non_finite_seen = bad if self._non_finite_seen is None else self._non_finite_seen | bad
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(
+            self._non_finite_seen
+        ):
+            rank_zero_warn(
+                f"check_finite is false and a training loss was NaN or inf by step {self.global_step}: "
+                f"training goes on (a ModelCheckpoint of lit_matmamba.training writes no checkpoint of "
+                f"non-finite weights). check_finite: true stops at the first one."
+            )
+            self._non_finite_warned = True
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
         opt = self.optimizers()
