@@ -473,6 +473,23 @@ def checkpoint_of_nan_weights(tmp):
     fit(tmp, tiny_module(check_finite=False), callbacks=[break_weights_at(2)], max_steps=3)
 
 
+def cosine_module():
+    from lit_matmamba.training import WarmupCosine
+
+    return tiny_module(scheduler=lambda optimizer: WarmupCosine(optimizer, warmup_steps=1))
+
+
+@bad_input(
+    UserWarning,
+    r"resuming at step 4 with another LR schedule than the checkpoint's \(max_steps 4 -> 8\): the "
+    r"schedule is rebuilt for the new values, the LR goes from 0\.001 to 0\.00\d+\. To continue the "
+    r"checkpoint's schedule instead, set model\.init_args\.scheduler\.init_args\.max_steps to 4",
+)
+def resume_with_a_larger_max_steps(tmp):
+    fit(tmp / "a", cosine_module(), max_steps=4, limit_val_batches=1)
+    fit(tmp / "b", cosine_module(), tmp / "a" / "ckpt" / "last.ckpt", max_steps=8, limit_val_batches=1)
+
+
 # --------------------------------------------------------------------------- the battery
 
 
@@ -505,3 +522,25 @@ def test_a_finite_last_checkpoint_is_not_overwritten_by_nan_weights(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_resume_with_a_larger_max_steps_runs_the_rebuilt_schedule(tmp_path):
+    """The LR of every resumed step is the one an uninterrupted fit to the new max_steps uses."""
+    import lightning as L
+
+    class LRs(L.Callback):
+        def __init__(self):
+            self.lrs = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    straight, resumed = LRs(), LRs()
+    fit(tmp_path / "straight", cosine_module(), callbacks=[straight], max_steps=8, limit_val_batches=1)
+    fit(tmp_path / "a", cosine_module(), max_steps=4, limit_val_batches=1)
+    with pytest.warns(UserWarning, match="the schedule is rebuilt"):
+        last = tmp_path / "a" / "ckpt" / "last.ckpt"
+        fit(tmp_path / "b", cosine_module(), last, callbacks=[resumed], max_steps=8, limit_val_batches=1)
+    assert list(resumed.lrs) == [4, 5, 6, 7]
+    assert resumed.lrs == pytest.approx({k: straight.lrs[k] for k in resumed.lrs}, rel=1e-12)
+    assert resumed.lrs[4] > 1.5 * 1e-3  # not the old schedule's floor (0.1 x the peak of 1e-2)
