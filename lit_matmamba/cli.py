@@ -115,6 +115,17 @@ class MatMambaCLI(LightningCLI):
     and hands a custom head's class path and arguments from the config to the module
     (`NestedModule.head_spec`), so that its checkpoints rebuild the head."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--allow_data_mismatch",
+            type=bool,
+            default=False,
+            help=(
+                "Run although the data's tokenizer or shards differ from those --ckpt_path was trained "
+                "on (their sha256 are recorded in the checkpoint; a mismatch is an error otherwise)."
+            ),
+        )
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):
@@ -128,6 +139,8 @@ class MatMambaCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         config = self.config.get(str(self.subcommand), self.config)
+        if isinstance(self.model, NestedModule):
+            self.model.allow_data_mismatch = bool(config.get("allow_data_mismatch"))
         head = config.get("model.init_args.model.init_args.head")
         if head is not None and isinstance(self.model, NestedModule):
             spec = head.as_dict() if hasattr(head, "as_dict") else dict(head)

@@ -9,7 +9,7 @@ standalone model directories (`main.py export`).
 - a stock mamba-ssm checkpoint directory (`config.json` + `pytorch_model.bin`, Mamba2 layers).
 
 The `matmamba` entry of a checkpoint (`checkpoint_metadata`, written by
-`NestedModule.on_save_checkpoint`), version 2:
+`NestedModule.on_save_checkpoint`), version 3:
 
     class          the model's class path, e.g. "lit_matmamba.models.lm.MatMambaLM"
     config         the MatMambaConfig fields
@@ -21,9 +21,13 @@ The `matmamba` entry of a checkpoint (`checkpoint_metadata`, written by
                    "eos_token": the token ending each document, or None}
     seq_len        tokens per training sequence (the longest context trained), or None
     normalize      None or {"mean": [r, g, b], "std": [r, g, b]} of the input images
+    data_sha256    None or the identity of the shards trained on (`shards.data_sha256`: the sha256
+                   of their sha256 per split)
 
-Entries of version 1 checkpoints (class, config, granularities) load as before; what they lack is
-None. A directory written by `save_pretrained`:
+Entries of version 1 checkpoints (class, config, granularities) and version 2 (all but
+data_sha256) load as before; what they lack is None. Resuming, validating, testing or predicting
+from a checkpoint on data whose tokenizer or shards differ from those recorded is an error
+(`check_checkpoint_data`) unless allowed (`main.py fit --allow_data_mismatch true`). A directory written by `save_pretrained`:
 
     matmamba.json      {"format": "lit-matmamba", "version": 1, "class", "config" (of the exported
                        model: its `layer_widths` are the widths exported), "width" (those layer
@@ -53,6 +57,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,7 +75,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_NAME = "lit-matmamba"
 FORMAT_VERSION = 1
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -200,9 +205,12 @@ def checkpoint_metadata(
         "tokenizer": None,
         "seq_len": None,
         "normalize": None,
+        "data_sha256": None,
     }
     if datamodule is None:
         return meta
+    with contextlib.suppress(RuntimeError, OSError, KeyError):  # data not set up: nothing to record
+        meta["data_sha256"] = getattr(datamodule, "data_sha256", None)
     if isinstance(getattr(datamodule, "seq_len", None), int):
         meta["seq_len"] = datamodule.seq_len
     if hasattr(datamodule, "tokenizer_path"):
@@ -214,6 +222,36 @@ def checkpoint_metadata(
     if isinstance(model, MatMambaVision) and "mean" in hparams and "std" in hparams:
         meta["normalize"] = {"mean": list(hparams["mean"]), "std": list(hparams["std"])}
     return meta
+
+
+def check_checkpoint_data(
+    meta: dict[str, Any] | None, datamodule: Any, where: str = "the checkpoint", allow: bool = False
+) -> None:
+    """Raise a ValueError naming both sha256 when `datamodule`'s tokenizer or shards are not those
+    the checkpoint (its `matmamba` entry, `meta`) was trained on; `allow`: warn instead. What either
+    side does not know (an older checkpoint, an index without checksums, no data module) is not
+    compared."""
+    if not meta or datamodule is None:
+        return
+    problems = []
+    with contextlib.suppress(RuntimeError, OSError, KeyError, AttributeError):
+        recorded, current = (meta.get("tokenizer") or {}).get("sha256"), datamodule.tokenizer_hash
+        if recorded and current and recorded != current:
+            problems.append(f"the data's tokenizer has sha256 {current}, the checkpoint's {recorded}")
+    with contextlib.suppress(RuntimeError, OSError, KeyError, AttributeError):
+        recorded, current = meta.get("data_sha256"), datamodule.data_sha256
+        if recorded and current and recorded != current:
+            problems.append(f"the data's shards have sha256 {current}, the checkpoint's {recorded}")
+    if not problems:
+        return
+    found = f"{where} was trained on other data: {'; '.join(problems)}"
+    if allow:
+        warnings.warn(f"{found} (allowed by --allow_data_mismatch)", stacklevel=2)
+        return
+    raise ValueError(
+        f"{found}. Check --data, or pass --allow_data_mismatch true to run on this data anyway "
+        f"(in Python: module.allow_data_mismatch = True)"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -494,6 +532,7 @@ __all__ = [
     "Pretrained",
     "atomic_directory",
     "build_head",
+    "check_checkpoint_data",
     "checkpoint_metadata",
     "head_spec",
     "load",

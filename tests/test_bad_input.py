@@ -50,9 +50,12 @@ PLAIN = dict(randaugment_ops=0, random_erasing=0.0, mixup_alpha=0.0, cutmix_alph
 WORDS = 12 * 8  # text_data: 12 stored sequences of 8 tokens
 
 
-def text_data(tmp: Path) -> Path:
-    """Shards of 12 sequences of 8 tokens, 4 per shard, from a word-level tokenizer of ``WORDS + 2`` ids."""
-    vocab = {EOS_TOKEN: 0, **{f"w{i}": i for i in range(1, WORDS + 1)}, "[UNK]": WORDS + 1}
+def text_data(tmp: Path, reverse: bool = False) -> Path:
+    """Shards of 12 sequences of 8 tokens, 4 per shard, from a word-level tokenizer of ``WORDS + 2`` ids
+    (``reverse``: another tokenizer of the same size, with the words' ids in reverse order)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ids = {f"w{i}": WORDS + 1 - i if reverse else i for i in range(1, WORDS + 1)}
+    vocab = {EOS_TOKEN: 0, **ids, "[UNK]": WORDS + 1}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([EOS_TOKEN])
@@ -141,15 +144,17 @@ def tiny_module(**kwargs):
     return LanguageModeling(model, **kwargs)
 
 
-def fit(tmp: Path, module, ckpt_path: Path | None = None, callbacks=(), **trainer_kwargs):
-    """Fit ``module`` on 4 batches of random tokens (an epoch) with a ModelCheckpoint(save_last) in
-    ``tmp / "ckpt"``; returns the trainer."""
+def fit(
+    tmp: Path, module, ckpt_path: Path | None = None, callbacks=(), data=None, stage="fit", **trainer_kwargs
+):
+    """Fit ``module`` (``stage``: or validate it) on 4 batches of random tokens (an epoch), or on the
+    data module ``data``, with a ModelCheckpoint(save_last) in ``tmp / "ckpt"``; returns the trainer."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     from lit_matmamba.training import ModelCheckpoint
 
-    data = torch.randint(0, WORDS + 2, (16, 9), generator=torch.Generator().manual_seed(0))
+    random_tokens = torch.randint(0, WORDS + 2, (16, 9), generator=torch.Generator().manual_seed(0))
     trainer = L.Trainer(
         **{
             "accelerator": "cpu",
@@ -162,8 +167,11 @@ def fit(tmp: Path, module, ckpt_path: Path | None = None, callbacks=(), **traine
             **trainer_kwargs,
         }
     )
-    loader = DataLoader(data, batch_size=4)
-    trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
+    if isinstance(data, L.LightningDataModule):
+        getattr(trainer, stage)(module, datamodule=data, ckpt_path=ckpt_path)
+    elif stage == "fit":
+        loader = DataLoader(random_tokens, batch_size=4)
+        trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -488,6 +496,62 @@ def cosine_module():
 def resume_with_a_larger_max_steps(tmp):
     fit(tmp / "a", cosine_module(), max_steps=4, limit_val_batches=1)
     fit(tmp / "b", cosine_module(), tmp / "a" / "ckpt" / "last.ckpt", max_steps=8, limit_val_batches=1)
+
+
+def trained_on_text_data(tmp: Path) -> Path:
+    """last.ckpt of one step on ``text_data``."""
+    data = TextDataModule(str(text_data(tmp)), seq_len=8, batch_size=2, num_workers=0)
+    fit(tmp / "run", tiny_module(), data=data, max_steps=1, limit_val_batches=1)
+    return tmp / "run" / "ckpt" / "last.ckpt"
+
+
+CHECKPOINT_ON_OTHER_DATA = (
+    r"last\.ckpt was trained on other data: {}\. Check --data, or pass --allow_data_mismatch true"
+)
+
+
+@bad_input(
+    ValueError,
+    CHECKPOINT_ON_OTHER_DATA.format(
+        r"the data's tokenizer has sha256 [0-9a-f]{64}, the checkpoint's [0-9a-f]{64}; "
+        r"the data's shards have sha256 [0-9a-f]{64}, the checkpoint's [0-9a-f]{64}"
+    ),
+)
+def validate_on_shards_of_another_tokenizer_of_the_same_size(tmp):
+    ckpt = trained_on_text_data(tmp)
+    other = TextDataModule(
+        str(text_data(tmp / "other", reverse=True)), seq_len=8, batch_size=2, num_workers=0
+    )
+    fit(tmp / "val", tiny_module(), ckpt, data=other, stage="validate", limit_val_batches=1)
+
+
+@bad_input(
+    ValueError,
+    CHECKPOINT_ON_OTHER_DATA.format(
+        r"the data's shards have sha256 [0-9a-f]{64}, the checkpoint's [0-9a-f]{64}"
+    ),
+)
+def resume_on_other_shards_of_the_same_tokenizer(tmp):
+    ckpt = trained_on_text_data(tmp)
+    (tmp / "more.txt").write_text(" ".join(f"w{i}" for i in range(WORDS, 0, -1)))
+    text = str(tmp / "more.txt")
+    prepare_text(tmp / "more", tmp / "tokenizer.json", train=text, val=text, seq_len=8, progress=False)
+    other = TextDataModule(str(tmp / "more"), seq_len=8, batch_size=2, num_workers=0)
+    fit(tmp / "resumed", tiny_module(), ckpt, data=other, max_steps=2, limit_val_batches=1)
+
+
+@bad_input(
+    UserWarning,
+    r"last\.ckpt was trained on other data: the data's tokenizer .* \(allowed by --allow_data_mismatch\)",
+)
+def validate_on_other_data_allowed(tmp):
+    ckpt = trained_on_text_data(tmp)
+    other = TextDataModule(
+        str(text_data(tmp / "other", reverse=True)), seq_len=8, batch_size=2, num_workers=0
+    )
+    module = tiny_module()
+    module.allow_data_mismatch = True
+    fit(tmp / "val", module, ckpt, data=other, stage="validate", limit_val_batches=1)
 
 
 # --------------------------------------------------------------------------- the battery

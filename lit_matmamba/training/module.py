@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
-from lit_matmamba.io import checkpoint_metadata
+from lit_matmamba.io import check_checkpoint_data, checkpoint_metadata
 from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
@@ -75,6 +75,9 @@ class NestedModule(L.LightningModule):
     # rebuilds the head. Set it yourself for a head built in Python whose arguments `load_model`
     # cannot read off it (an `nn.Linear`'s it can).
     head_spec: dict[str, Any] | None = None
+    # Load a checkpoint (resume, validate, test, predict) although the data's tokenizer or shards
+    # differ from those it was trained on (`io.check_checkpoint_data`); `main.py --allow_data_mismatch`.
+    allow_data_mismatch: bool = False
 
     def __init__(
         self,
@@ -366,6 +369,14 @@ class NestedModule(L.LightningModule):
                 head=self.head_spec,
                 datamodule=getattr(self.trainer, "datamodule", None),
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_data(
+            checkpoint.get("matmamba"),
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None,
+            where=str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint"),
+            allow=self.allow_data_mismatch,
+        )
 
 
 class LanguageModeling(NestedModule):
