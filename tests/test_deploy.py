@@ -237,10 +237,11 @@ def test_checkpoint_records_what_deploying_needs(lm_checkpoint, tokenizer_json):
     import hashlib
 
     meta = torch.load(lm_checkpoint, weights_only=False)["matmamba"]
-    assert meta["version"] == 2 and meta["granularities"] == [32, 16, 8, 4] and meta["head"] is None
+    assert meta["version"] == 3 and meta["granularities"] == [32, 16, 8, 4] and meta["head"] is None
     assert meta["tokenizer"]["json"] == tokenizer_json and meta["seq_len"] == 24
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(tokenizer_json.encode()).hexdigest()
     assert meta["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert meta["data_sha256"] is None  # a data module without shards (the battery checks shards)
     pretrained = load(lm_checkpoint)
     assert pretrained.eos_token_id() == pretrained.tokenizer().token_to_id("<|endoftext|>") == 0
     assert pretrained.data["seq_len"] == 24  # the data module's hyperparameters, for `search`
