@@ -63,6 +63,34 @@ def test_help_explains_the_commands(capsys):
     assert "images" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_allow_data_mismatch_reaches_the_module(flag):
+    import lightning as L
+
+    from lit_matmamba.cli import MatMambaArgumentParser, MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    args = ["--config", str(REPO / "configs/lm_demo.yaml"), "--allow_data_mismatch", str(flag).lower()]
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=MatMambaArgumentParser,
+        run=False,
+        args=args,
+    )
+    assert cli.model.allow_data_mismatch is flag
+
+
+def test_model_help_lists_the_models_not_every_torch_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_matmamba.training.LanguageModeling"])
+    out = capsys.readouterr().out
+    assert "lit_matmamba.MatMambaLM" in out and "lit_matmamba.MatMambaVision" in out
+    assert "torch.nn.Linear" not in out and len(out.splitlines()) < 200
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
 def test_bench_without_a_gpu_says_so_in_one_line():
     with pytest.raises(SystemExit, match="runs on a CUDA GPU"):

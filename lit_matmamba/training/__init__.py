@@ -2,7 +2,7 @@
 
 from lit_matmamba.io import load_model
 
-from .callbacks import GranularityCharts, MixNMatchCurve, PredictionWriter, ThroughputMonitor
+from .callbacks import GranularityCharts, MixNMatchCurve, ModelCheckpoint, PredictionWriter, ThroughputMonitor
 from .module import ImageClassification, LanguageModeling, NestedModule, TokenClassification
 from .optim import WarmupCosine, adamw, param_groups
 
@@ -11,6 +11,7 @@ __all__ = [
     "ImageClassification",
     "LanguageModeling",
     "MixNMatchCurve",
+    "ModelCheckpoint",
     "NestedModule",
     "PredictionWriter",
     "ThroughputMonitor",

@@ -1,6 +1,6 @@
 """LightningModules that train every granularity of a nested model on the same batch.
 
-The model (a plain-PyTorch `MatMambaLM` or `MatMambaVision`, or any module taking `width`) is
+The model (a plain-PyTorch `MatMambaLM`, `MatMambaVision` or other `NestedModel`, taking `width`) is
 injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 """
 
@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
-from lit_matmamba.io import checkpoint_metadata
+from lit_matmamba.io import check_checkpoint_data, checkpoint_metadata
+from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
 from .joint import capture_joint_step, joint_backward
@@ -49,7 +50,8 @@ class NestedModule(L.LightningModule):
             flag: the step is optimised by hand).
         gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
             the Trainer's flag).
-        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step);
+            false: warn once and train on (checked every `log_every_n_steps` steps).
         direct_weight_grads: add each width's weight gradients straight into the used block of
             `.grad` (`lit_matmamba.models.nested_linear`: memory traffic proportional to the width
             instead of full-size per width). None: on when training in one process; it cannot be
@@ -73,10 +75,13 @@ class NestedModule(L.LightningModule):
     # rebuilds the head. Set it yourself for a head built in Python whose arguments `load_model`
     # cannot read off it (an `nn.Linear`'s it can).
     head_spec: dict[str, Any] | None = None
+    # Load a checkpoint (resume, validate, test, predict) although the data's tokenizer or shards
+    # differ from those it was trained on (`io.check_checkpoint_data`); `main.py --allow_data_mismatch`.
+    allow_data_mismatch: bool = False
 
     def __init__(
         self,
-        model: nn.Module,
+        model: NestedModel,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
         eval_widths: list[int | list[int]] | None = None,
@@ -128,6 +133,8 @@ class NestedModule(L.LightningModule):
         self.ssd_configs = ssd_configs
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
+        self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
+        self._non_finite_warned = False
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.evaluated()})
@@ -213,8 +220,27 @@ class NestedModule(L.LightningModule):
                 f"per-width losses are logged under train/loss/w*. Lower the learning rate, "
                 f"check the data, or use bf16 rather than fp16."
             )
+        if not self.check_finite:
+            self._warn_non_finite_once(total)
         self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
         return total
+
+    def _warn_non_finite_once(self, total: torch.Tensor) -> None:
+        """check_finite=False: warn once when a training loss was NaN or inf. The flag stays on the
+        device and is looked at every `log_every_n_steps` steps (no host sync of its own otherwise)."""
+        if self._non_finite_warned:
+            return
+        bad = ~torch.isfinite(total.detach())
+        self._non_finite_seen = bad if self._non_finite_seen is None else self._non_finite_seen | bad
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(
+            self._non_finite_seen
+        ):
+            rank_zero_warn(
+                f"check_finite is false and a training loss was NaN or inf by step {self.global_step}: "
+                f"training goes on (a ModelCheckpoint of lit_matmamba.training writes no checkpoint of "
+                f"non-finite weights). check_finite: true stops at the first one."
+            )
+            self._non_finite_warned = True
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
         opt = self.optimizers()
@@ -343,6 +369,14 @@ class NestedModule(L.LightningModule):
                 head=self.head_spec,
                 datamodule=getattr(self.trainer, "datamodule", None),
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_data(
+            checkpoint.get("matmamba"),
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None,
+            where=str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint"),
+            allow=self.allow_data_mismatch,
+        )
 
 
 class LanguageModeling(NestedModule):
