@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import re
 import sys
 import warnings
@@ -61,8 +60,9 @@ DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training r
   python main.py export --ckpt_path PATH --width 64 --output DIR
   python main.py generate --ckpt_path PATH --width 32 --prompt "To be"
 
-Every command takes --help. A configuration error prints one line; LIT_MATMAMBA_DEBUG=1 shows its
-traceback. The optimizer and LR schedule are the model's (--model.init_args.optimizer, .scheduler).
+Every command takes --help. A configuration error prints one line; --debug (first, before the
+command: python main.py --debug fit ...) shows its traceback. The optimizer and LR schedule are
+the model's (--model.init_args.optimizer, .scheduler).
 """
 
 
@@ -86,14 +86,17 @@ class MatMambaArgumentParser(LightningArgumentParser):
         return super().error(message, ex)
 
 
+_debug = False  # `main.py --debug`: configuration errors with their tracebacks
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """A configuration error (ValueError, TypeError, OSError) as its one message, `error: ...` and
-    exit status 1, instead of a traceback through jsonargparse; LIT_MATMAMBA_DEBUG=1 shows it."""
+    exit status 1, instead of a traceback through jsonargparse; `main.py --debug` shows it."""
     try:
         yield
     except (ValueError, TypeError, OSError) as err:
-        if os.environ.get("LIT_MATMAMBA_DEBUG", "0") not in ("", "0"):
+        if _debug:
             raise
         while err.__cause__ is not None:  # jsonargparse wraps the constructor's error
             err = err.__cause__
@@ -160,11 +163,13 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-    if args is not None:
-        # main(args) reads `args` only; sys.argv then belongs to the caller (a Jupyter kernel's,
-        # a test runner's), so LightningCLI's warning about both being given does not apply.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    global _debug
     argv = sys.argv[1:] if args is None else list(args)
+    _debug = bool(argv) and argv[0] == "--debug"
+    if _debug:
+        argv = argv[1:]
+    # argv is handed on as args; sys.argv then belongs to the caller.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
         prog = f"{_prog()} {argv[0]}"
@@ -179,7 +184,7 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=argv,
         parser_class=MatMambaArgumentParser,
         auto_configure_optimizers=False,  # the model's own (see TOP_LEVEL_OPTIMIZER)
         parser_kwargs={

@@ -428,6 +428,12 @@ def cli_eval_width_that_does_not_exist(tmp):
     cli("fit", "--config", LM_DEMO, "--model.init_args.eval_widths=[100]")
 
 
+@bad_input(ValueError, r"(?m)^  - eval_widths\[0\]: width 100 is not valid for layer 0")
+def cli_debug_shows_the_error_itself(tmp):
+    # --debug: the exception and its traceback, not the one-line message
+    cli("--debug", "fit", "--config", LM_DEMO, "--model.init_args.eval_widths=[100]")
+
+
 @bad_input(SystemExit, r"(?m)^error: granularities: width 30 is not valid for layer 0")
 def cli_granularity_that_does_not_exist(tmp):
     cli("fit", "--config", LM_DEMO, "--model.init_args.granularities=[128, 30]")
