@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -65,8 +68,57 @@ DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training r
   python main.py export --ckpt_path PATH --width 64 --output DIR
   python main.py generate --ckpt_path PATH --width 32 --prompt "To be"
 
-Every command takes --help.
+Every command takes --help. A configuration error prints one line; --debug (first, before the
+command: python main.py --debug fit ...) shows its traceback. The optimizer and LR schedule are
+the model's (--model.init_args.optimizer, .scheduler).
 """
+
+
+# A top-level --optimizer / --lr_scheduler (LightningCLI's own, turned off: it replaced the model's
+# optimizer and dropped its schedule without a word), as a flag or a config key in a parse error.
+TOP_LEVEL_OPTIMIZER = re.compile(r"(?:--|')(optimizer|lr_scheduler)\b")
+
+
+class MatMambaArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; a parse error about a top-level optimizer or LR scheduler says where
+    they go instead."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if TOP_LEVEL_OPTIMIZER.search(message):
+            message += (
+                "\n  The optimizer and LR schedule are the model's: give them as "
+                "--model.init_args.optimizer and --model.init_args.scheduler (in YAML: model.init_args."
+                "optimizer / .scheduler), e.g. --model.init_args.optimizer=torch.optim.SGD "
+                "--model.init_args.optimizer.lr=0.1; the top-level --optimizer/--lr_scheduler do not exist"
+            )
+        return super().error(message, ex)
+
+
+_debug = False  # `main.py --debug`: configuration errors with their tracebacks
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A configuration error (ValueError, TypeError, OSError) as its one message, `error: ...` and
+    exit status 1, instead of a traceback through jsonargparse; `main.py --debug` shows it."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as err:
+        if _debug:
+            raise
+        while err.__cause__ is not None:  # jsonargparse wraps the constructor's error
+            err = err.__cause__
+        raise SystemExit(f"error: {err}") from None
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """Refuse a --ckpt_path that is not a training checkpoint of this project before Lightning
+    opens it (`lit_matmamba.io.read_checkpoint` says what it is instead)."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+        return
+    from lit_matmamba.io import read_checkpoint
+
+    read_checkpoint(ckpt_path, mmap=True)
 
 
 class MatMambaCLI(LightningCLI):
@@ -103,12 +155,36 @@ class MatMambaCLI(LightningCLI):
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
             config["ckpt_path"] = str(parallel.to_distributed_checkpoint(ckpt_path, directory))
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--allow_data_mismatch",
+            type=bool,
+            default=False,
+            help=(
+                "Run although the data's tokenizer or shards differ from those --ckpt_path was trained "
+                "on (their sha256 are recorded in the checkpoint; a mismatch is an error otherwise)."
+            ),
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            with user_errors():
+                check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+
+    def instantiate_classes(self) -> None:
+        with user_errors():
+            super().instantiate_classes()
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         strategy = self.trainer.strategy
         if isinstance(strategy, ModelParallelStrategy):
-            parallel.resolve_mesh_sizes(strategy, self.trainer.num_devices * self.trainer.num_nodes)
+            with user_errors():  # a mesh that does not fit: one line, before any process starts
+                parallel.resolve_mesh_sizes(strategy, self.trainer.num_devices * self.trainer.num_nodes)
         config = self.config.get(str(self.subcommand), self.config)
+        if isinstance(self.model, NestedModule):
+            self.model.allow_data_mismatch = bool(config.get("allow_data_mismatch"))
         head = config.get("model.init_args.model.init_args.head")
         if head is not None and isinstance(self.model, NestedModule):
             spec = head.as_dict() if hasattr(head, "as_dict") else dict(head)
@@ -134,7 +210,13 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
     # made), but nothing changes it in place (add_rmsnorm writes a new tensor).
     warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+    global _debug
     argv = sys.argv[1:] if args is None else list(args)
+    _debug = bool(argv) and argv[0] == "--debug"
+    if _debug:
+        argv = argv[1:]
+    # argv is handed on as args; sys.argv then belongs to the caller.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
         prog = f"{_prog()} {argv[0]}"
@@ -149,7 +231,9 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=argv,
+        parser_class=MatMambaArgumentParser,
+        auto_configure_optimizers=False,  # the model's own (see TOP_LEVEL_OPTIMIZER)
         parser_kwargs={
             "description": DESCRIPTION,
             "formatter_class": argparse.RawDescriptionHelpFormatter,

@@ -74,7 +74,7 @@ def test_a_mesh_bigger_than_the_world_is_a_clear_error_before_any_process_starts
         "--config",
         str(REPO / "configs/strategy/fsdp_tp.yaml"),
     ]
-    with pytest.raises(ValueError, match="tensor_parallel_size=4 does not fit the 2 processes"):
+    with pytest.raises(SystemExit, match="^error: .*tensor_parallel_size=4 does not fit the 2 processes"):
         main([*args, "--trainer.devices=2", "--trainer.strategy.init_args.tensor_parallel_size=4"])
 
 
@@ -101,6 +101,34 @@ def test_help_explains_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "--help"])
     assert "images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_allow_data_mismatch_reaches_the_module(flag):
+    import lightning as L
+
+    from lit_matmamba.cli import MatMambaArgumentParser, MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    args = ["--config", str(REPO / "configs/lm_demo.yaml"), "--allow_data_mismatch", str(flag).lower()]
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=MatMambaArgumentParser,
+        run=False,
+        args=args,
+    )
+    assert cli.model.allow_data_mismatch is flag
+
+
+def test_model_help_lists_the_models_not_every_torch_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_matmamba.training.LanguageModeling"])
+    out = capsys.readouterr().out
+    assert "lit_matmamba.MatMambaLM" in out and "lit_matmamba.MatMambaVision" in out
+    assert "torch.nn.Linear" not in out and len(out.splitlines()) < 200
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")

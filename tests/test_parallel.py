@@ -136,7 +136,7 @@ def test_a_distributed_checkpoint_reads_wherever_a_single_file_does(tmp_path):
     export (io.load + save) and embed's record give the file's model and entries; a directory of
     torch.distributed.checkpoint without Lightning's meta.pt is a clear error."""
     from lit_matmamba.embed import checkpoint_record
-    from lit_matmamba.io import checkpoint_metadata, load, load_model
+    from lit_matmamba.io import checkpoint_metadata, load, load_model, read_checkpoint
 
     model = tiny().float()  # as load_model builds it
     torch.save(
@@ -155,6 +155,10 @@ def test_a_distributed_checkpoint_reads_wherever_a_single_file_does(tmp_path):
         got = load_model(source).state_dict()
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], v) for k, v in expected.items()), source
+    look = read_checkpoint(directory, mmap=True)["state_dict"]  # no shard read
+    assert {k: (v.shape, v.device.type) for k, v in look.items()} == {
+        f"model.{k}": (v.shape, "meta") for k, v in expected.items()
+    }
     record = checkpoint_record(directory)
     assert (record.granularities, record.global_step) == ([64, 32], 7)
     exported = load(directory).save(tmp_path / "w32", 32)

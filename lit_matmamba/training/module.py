@@ -1,6 +1,6 @@
 """LightningModules that train every granularity of a nested model on the same batch.
 
-The model (a plain-PyTorch `MatMambaLM` or `MatMambaVision`, or any module taking `width`) is
+The model (a plain-PyTorch `MatMambaLM`, `MatMambaVision` or other `NestedModel`, taking `width`) is
 injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 """
 
@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
-from lit_matmamba.io import checkpoint_metadata
+from lit_matmamba.io import check_checkpoint_data, checkpoint_metadata
+from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
 from . import parallel
@@ -54,7 +55,8 @@ class NestedModule(L.LightningModule):
             flag: the step is optimised by hand).
         gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
             the Trainer's flag).
-        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step);
+            false: warn once and train on (checked every `log_every_n_steps` steps).
         direct_weight_grads: add each width's weight gradients straight into the used block of
             `.grad` (`lit_matmamba.models.nested_linear`: memory traffic proportional to the width
             instead of full-size per width). None: on when training in one process; it cannot be
@@ -83,10 +85,13 @@ class NestedModule(L.LightningModule):
     # rebuilds the head. Set it yourself for a head built in Python whose arguments `load_model`
     # cannot read off it (an `nn.Linear`'s it can).
     head_spec: dict[str, Any] | None = None
+    # Load a checkpoint (resume, validate, test, predict) although the data's tokenizer or shards
+    # differ from those it was trained on (`io.check_checkpoint_data`); `main.py --allow_data_mismatch`.
+    allow_data_mismatch: bool = False
 
     def __init__(
         self,
-        model: nn.Module,
+        model: NestedModel,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
         eval_widths: list[int | list[int]] | None = None,
@@ -148,6 +153,8 @@ class NestedModule(L.LightningModule):
         self._parallelized = False
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
+        self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
+        self._non_finite_warned = False
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.evaluated()})
@@ -269,8 +276,27 @@ class NestedModule(L.LightningModule):
                 f"per-width losses are logged under train/loss/w*. Lower the learning rate, "
                 f"check the data, or use bf16 rather than fp16."
             )
+        if not self.check_finite:
+            self._warn_non_finite_once(total)
         self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
         return total
+
+    def _warn_non_finite_once(self, total: torch.Tensor) -> None:
+        """check_finite=False: warn once when a training loss was NaN or inf. The flag stays on the
+        device and is looked at every `log_every_n_steps` steps (no host sync of its own otherwise)."""
+        if self._non_finite_warned:
+            return
+        bad = ~torch.isfinite(total.detach())
+        self._non_finite_seen = bad if self._non_finite_seen is None else self._non_finite_seen | bad
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(
+            self._non_finite_seen
+        ):
+            rank_zero_warn(
+                f"check_finite is false and a training loss was NaN or inf by step {self.global_step}: "
+                f"training goes on (a ModelCheckpoint of lit_matmamba.training writes no checkpoint of "
+                f"non-finite weights). check_finite: true stops at the first one."
+            )
+            self._non_finite_warned = True
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
         opt = self.optimizers()
@@ -416,6 +442,14 @@ class NestedModule(L.LightningModule):
             by_module_order=self.device_mesh is not None,
         )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_data(
+            checkpoint.get("matmamba"),
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None,
+            where=str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint"),
+            allow=self.allow_data_mismatch,
+        )
+
 
 class LanguageModeling(NestedModule):
     """Next-token prediction. Batches are token ids (B, L); metrics per width: loss (nats per
@@ -516,3 +550,78 @@ class ImageClassification(NestedModule):
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         if hasattr(datamodule, "check_num_classes"):
             datamodule.check_num_classes(self.model.config.num_classes)
+
+
+class TokenClassification(NestedModule):
+    """One label per token (tagging) from a custom head on a language model's features.
+
+    Batches are `(input_ids, labels)`, both (B, L); a label of -100 (`ignore_index`, as in
+    `F.cross_entropy`) marks a token without one. The model is a `MatMambaLM` whose head maps the
+    per-token features (B, L, d_model) to one logit per class, (B, L, num_classes), given in the
+    config (`model.init_args.head`). The model is causal: a token's label can only be predicted
+    from that token and those before it. Loss: the mean cross-entropy over labelled tokens.
+    Metrics per width: that loss and the accuracy, both over every labelled token of the split.
+    """
+
+    chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "acc"))
+    ignore_index = -100
+
+    def logits(self, input_ids: torch.Tensor, labels: torch.Tensor, width: Width) -> torch.Tensor:
+        """The head's outputs (B, L, num_classes) in float32, after checking they fit the labels."""
+        logits = self.model(input_ids, width)
+        if logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"the model gives outputs of shape {tuple(logits.shape)} for labels of shape "
+                f"{tuple(labels.shape)}: a token classifier's head maps (B, L, d_model) to (B, L, classes)"
+            )
+        return logits.float()
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens (0 for a batch without any)."""
+        input_ids, labels = batch
+        logits = self.logits(input_ids, labels, width)
+        total = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index, reduction="sum"
+        )
+        # Divided by the count rather than reduction="mean", which gives NaN for a batch without labels.
+        return total / (labels != self.ignore_index).sum().clamp(min=1)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "acc": torchmetrics.MeanMetric()})
+
+    @torch.no_grad()
+    def update_metrics(
+        self, metrics: nn.ModuleDict, batch: tuple[torch.Tensor, torch.Tensor], width: Width
+    ) -> None:
+        input_ids, labels = batch
+        labelled = labels != self.ignore_index  # (B, L)
+        count = int(labelled.sum())
+        if count == 0:
+            return
+        logits = self.logits(input_ids, labels, width)[labelled]  # (N, C)
+        labels = labels[labelled]  # (N,)
+        # Weighted by the batch's labelled tokens: the split's metric is a mean over tokens.
+        metrics["loss"].update(F.cross_entropy(logits, labels), weight=count)
+        metrics["acc"].update((logits.argmax(-1) == labels).float().mean(), weight=count)
+
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per token and evaluated width: the predicted class, `{"class/w512": (B, L), ...}`, and
+        the labels as `"target"`."""
+        input_ids, labels = self.synchronize_batch(batch)
+        out = {
+            f"class/{label}": self.logits(input_ids, labels, width).argmax(-1)
+            for label, width in self.evaluated()
+        }
+        out["target"] = labels
+        return out
+
+    def batch_size(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].shape[0]
+
+    def batch_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if hasattr(datamodule, "check_vocab"):
+            datamodule.check_vocab(self.model.config.vocab_size)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +60,33 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     def set_max_steps(self, max_steps: int) -> None:
         self.max_steps = max_steps
         self._check()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the step count is the checkpoint's, the schedule's shape this run's. A resume whose
+        `max_steps` (e.g. a larger `trainer.max_steps`), `warmup_steps` or `min_lr_ratio` differ from
+        the checkpoint's rebuilds the schedule for the new values, from the step reached, and
+        says so once with the LR before and after (the optimizer's restored LR is set to the new
+        schedule's). To continue the old schedule instead, give the old `max_steps` explicitly."""
+        shape = ("warmup_steps", "max_steps", "min_lr_ratio")
+        mine = {k: getattr(self, k) for k in shape}
+        saved = {k: state_dict.get(k, mine[k]) for k in shape}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(mine)
+        if saved == mine:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        lrs = [base * self.factor(self.last_epoch) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+        changed = ", ".join(f"{k} {saved[k]} -> {mine[k]}" for k in shape if saved[k] != mine[k])
+        warnings.warn(
+            f"resuming at step {self.last_epoch} with another LR schedule than the checkpoint's "
+            f"({changed}): the schedule is rebuilt for the new values, the LR goes from {before:.4g} "
+            f"to {lrs[0]:.4g}. To continue the checkpoint's schedule instead, set "
+            f"model.init_args.scheduler.init_args.max_steps to {saved['max_steps']}.",
+            stacklevel=2,
+        )
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -13,16 +13,18 @@ import torch
 METADATA_FILENAME = "meta.pt"
 
 
-def load_full_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_full_checkpoint(path: str | Path, tensors: bool = True) -> dict[str, Any]:
     """A distributed checkpoint (the directory ModelParallelStrategy writes: one file per rank and
     `meta.pt`) read on one process, without a process group, as a single-file Lightning checkpoint
     reads: its entries (`matmamba`, `epoch`, loops, ...) and the whole `state_dict`, in the
     canonical layout (`layout.py`), on the CPU. The optimizer state is left out.
 
-    The whole state dict must fit in CPU memory.
+    The whole state dict must fit in CPU memory. `tensors=False`: a look at the entries only, the
+    `state_dict` as tensors of the right shapes and dtypes on the meta device (no shard is read).
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = Path(path)
@@ -31,15 +33,26 @@ def load_full_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a distributed checkpoint (a directory with .metadata and {METADATA_FILENAME}, "
             f"as ModelParallelStrategy writes)"
         )
-    tensors: dict[str, Any] = {}
+    checkpoint = torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=False)
+    if not tensors:
+        # The index flattens nested keys: "state_dict.<parameter name>".
+        index = FileSystemReader(path).read_metadata().state_dict_metadata
+        checkpoint["state_dict"] = {
+            key.removeprefix("state_dict."): torch.empty(
+                entry.size, dtype=entry.properties.dtype, device="meta"
+            )
+            for key, entry in index.items()
+            if key.startswith("state_dict.") and isinstance(entry, TensorStorageMetadata)
+        }
+        return checkpoint
+    loaded: dict[str, Any] = {}
     _load_state_dict(
-        tensors,
+        loaded,
         storage_reader=FileSystemReader(path),
         planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),  # not the optimizer's
         no_dist=True,
     )
-    checkpoint = torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = tensors["state_dict"]
+    checkpoint["state_dict"] = loaded["state_dict"]
     return checkpoint
 
 
