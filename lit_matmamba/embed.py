@@ -86,7 +86,7 @@ def load(ckpt_path: str | os.PathLike) -> tuple[nn.Module, CheckpointRecord]:
     """The model of a checkpoint in eval mode, and its record; a clear error for a missing file."""
     from lit_matmamba.training import load_model
 
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a distributed checkpoint's directory
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
     record = checkpoint_record(ckpt_path)
     return load_model(str(ckpt_path)).eval(), record

@@ -5,6 +5,9 @@ standalone model directories (`main.py export`).
 
 - a Lightning checkpoint written by this project's trainer (`*.ckpt`): the plain model is rebuilt
   from the checkpoint's `matmamba` entry, without the YAML;
+- the directory of a distributed checkpoint written by the same trainer under
+  ModelParallelStrategy (configs/strategy/fsdp.yaml, tp.yaml, fsdp_tp.yaml), recognised by its
+  `.metadata`: read on one process, its shards gathered, in the canonical (unsharded) layout;
 - a directory written by `save_pretrained` (`main.py export`), recognised by its `matmamba.json`;
 - a stock mamba-ssm checkpoint directory (`config.json` + `pytorch_model.bin`, Mamba2 layers).
 
@@ -188,17 +191,21 @@ def checkpoint_metadata(
     granularities: list[int],
     head: dict[str, Any] | None = None,
     datamodule: Any = None,
+    cls: type | None = None,
 ) -> dict[str, Any]:
     """The `matmamba` entry of a training checkpoint (module docstring). `head`: the custom head's
     spec when known from the config (else read off the model, `head_spec`); `datamodule`: the
     trainer's data module, whose tokenizer, sequence length and image normalisation are recorded
-    when it has them (`TextDataModule.tokenizer_path`, `seq_len`; `ImageDataModule` mean/std)."""
+    when it has them (`TextDataModule.tokenizer_path`, `seq_len`; `ImageDataModule` mean/std);
+    `cls`: the model's own class where `type(model)` is a sharding wrapper's (FSDP2 gives the
+    modules it shards a class of its own; `training.parallel.model_class`)."""
+    cls = type(model) if cls is None else cls
     custom = head_spec(model)  # None for the default head
     if custom is not None and head is not None:
         custom = head  # the config's spec: its arguments are known
     meta: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": f"{cls.__module__}.{cls.__qualname__}",
         "config": model.config.to_dict(),
         "granularities": list(granularities),
         "head": custom,
@@ -274,25 +281,38 @@ def read_checkpoint(
     checkpoint is opened), or a ValueError "PATH is not a lit-matmamba training checkpoint: WHAT IT
     IS" for anything else (a text file, another binary, a plain state dict, another module's
     Lightning checkpoint). `mmap`: map the tensors instead of reading them (cheap, for a look at the
-    entries of a big file)."""
+    entries of a big file).
+
+    `path` is a file, or the directory of a distributed checkpoint (what ModelParallelStrategy
+    writes under FSDP2 or tensor parallelism), whose shards are gathered into the whole, canonical
+    `state_dict` on the CPU, then moved to `map_location` (its optimizer state is left out;
+    `training.parallel.load_full_checkpoint`); with `mmap`, no shard is read and the `state_dict`
+    holds tensors on the meta device."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    if path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint file, an exported model ({META_FILE}) nor a mamba-ssm "
-            "checkpoint (config.json)"
-        )
     fix = "pass a .ckpt written by `main.py fit` (e.g. <log dir>/checkpoints/last.ckpt)"
-    try:
-        mmap = mmap and zipfile.is_zipfile(path)  # files of torch.save's legacy format do not map
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except OSError:
-        raise
-    except Exception as err:  # whatever unpickling arbitrary bytes raises
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        what = "a text file" if _is_text(path) else f"not a PyTorch checkpoint ({first})"
-        raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}") from None
+    if path.is_dir():
+        if not (path / ".metadata").is_file():  # torch.distributed.checkpoint's index of the shards
+            raise FileNotFoundError(
+                f"{path} is neither a checkpoint file, an exported model ({META_FILE}), a mamba-ssm "
+                "checkpoint (config.json) nor a distributed checkpoint (.metadata)"
+            )
+        from lit_matmamba.training.parallel.checkpoint import load_full_checkpoint
+
+        ckpt = load_full_checkpoint(path, tensors=not mmap)  # mmap: a look, no shard is read
+        if not mmap and torch.device(map_location).type != "cpu":
+            ckpt["state_dict"] = {k: v.to(map_location) for k, v in ckpt["state_dict"].items()}
+    else:
+        try:
+            mmap = mmap and zipfile.is_zipfile(path)  # files of torch.save's legacy format do not map
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except OSError:
+            raise
+        except Exception as err:  # whatever unpickling arbitrary bytes raises
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            what = "a text file" if _is_text(path) else f"not a PyTorch checkpoint ({first})"
+            raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}") from None
     what = None
     if not isinstance(ckpt, dict):
         what = f"it holds a {type(ckpt).__name__}, not a checkpoint's dict"

@@ -38,6 +38,46 @@ def test_every_shipped_config_parses(config, capsys):
     assert "lit_matmamba.training." in printed and "class_path" in printed
 
 
+STRATEGIES = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+
+
+def test_there_are_strategy_configs():
+    assert {p.stem for p in STRATEGIES} == {"ddp", "fsdp", "tp", "fsdp_tp"}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", ["lm_demo", "lm_1_4b", "vision_135m"])
+def test_every_strategy_config_composes_with_a_model_config(config, strategy, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / f"configs/{config}.yaml"),
+                "--config",
+                str(strategy),
+                "--print_config",
+            ]
+        )
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    expected = "DDPStrategy" if strategy.stem == "ddp" else "ModelParallelStrategy"
+    assert f"lightning.pytorch.strategies.{expected}" in printed
+    assert "lit_matmamba.training." in printed  # the model config is still all there
+
+
+def test_a_mesh_bigger_than_the_world_is_a_clear_error_before_any_process_starts():
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "configs/lm_demo.yaml"),
+        "--config",
+        str(REPO / "configs/strategy/fsdp_tp.yaml"),
+    ]
+    with pytest.raises(SystemExit, match="^error: .*tensor_parallel_size=4 does not fit the 2 processes"):
+        main([*args, "--trainer.devices=2", "--trainer.strategy.init_args.tensor_parallel_size=4"])
+
+
 def test_unknown_config_key_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(

@@ -201,7 +201,7 @@ def test_direct_weight_grads_refused_under_ddp():
 
     assert LanguageModeling(tiny_lm())._use_direct_weight_grads(torch.nn.Module()) is True  # auto: on
     assert LanguageModeling(tiny_lm())._use_direct_weight_grads(WrappedLikeDDP()) is False  # auto: off
-    with pytest.raises(ValueError, match="cannot be used with DDP/FSDP"):
+    with pytest.raises(ValueError, match="cannot be used with DDP, FSDP or tensor parallelism"):
         LanguageModeling(tiny_lm(), direct_weight_grads=True)._use_direct_weight_grads(WrappedLikeDDP())
 
 

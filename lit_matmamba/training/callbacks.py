@@ -108,10 +108,12 @@ class ThroughputMonitor(L.Callback):
         self._sync(pl_module)
         elapsed = time.perf_counter() - self._start
         world = trainer.world_size
-        tokens_per_sec = self._tokens * world / elapsed
+        # The ranks of a tensor-parallel group share one batch: count each data-parallel replica's.
+        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        tokens_per_sec = self._tokens * replicas.get("num_replicas", world) / elapsed
         metrics = {
             "perf/tokens_per_sec": tokens_per_sec,
-            "perf/samples_per_sec": self._samples * world / elapsed,
+            "perf/samples_per_sec": self._samples * replicas.get("num_replicas", world) / elapsed,
         }
         peak = self._peak(pl_module)
         if peak is not None:
@@ -184,7 +186,17 @@ class MixNMatchCurve(L.Callback):
         for i, batch in enumerate(loader):
             if i >= self.max_batches:
                 break
-            batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.to(pl_module.device)))
+            batches.append(batch)
+        # Every rank evaluates as many batches: under tensor parallelism each is exchanged.
+        count = int(
+            trainer.strategy.reduce(torch.tensor(len(batches), device=pl_module.device), reduce_op="min")
+        )
+        batches = [
+            pl_module.synchronize_batch(
+                apply_to_collection(b, torch.Tensor, lambda t: t.to(pl_module.device))
+            )
+            for b in batches[:count]
+        ]
         if not batches:
             return
         points = []

@@ -7,7 +7,7 @@ injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from lit_matmamba.io import check_checkpoint_data, checkpoint_metadata
 from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
+from . import parallel
 from .joint import capture_joint_step, joint_backward
 from .optim import adamw, param_groups
 from .parallel import clip_grad_norm, gradient_sync, is_distributed
@@ -33,9 +34,13 @@ class NestedModule(L.LightningModule):
     For every batch the training step runs the joint step (`lit_matmamba.training.joint`): each
     width in `granularities` on the same batch, `loss_weight * loss` back-propagated right away (so
     only one width's activations are alive at a time), then one optimizer step. Under DDP/FSDP
-    gradients are reduced on the last backward of an optimizer step only. Validation and test
-    evaluate every granularity and each width in `eval_widths`, and log one tag per width and
-    metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
+    gradients are reduced on the last backward of an optimizer step only. Under Lightning's
+    `ModelParallelStrategy`, `configure_model` shards the model with
+    `lit_matmamba.training.parallel.parallelize` (FSDP2, tensor parallelism, or both on a 2-D
+    mesh), and the ranks of a tensor-parallel group train on the batch of its first rank.
+    Validation and test evaluate every granularity and each width in `eval_widths`, and log one tag
+    per width and metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own
+    (`model.loss`).
 
     Args:
         model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
@@ -66,6 +71,11 @@ class NestedModule(L.LightningModule):
             (`lit_matmamba.kernels.pin_ssd_configs`): "auto" (the table tuned for this GPU model,
             if the package ships one; else mamba-ssm's autotuning), "off" (mamba-ssm's autotuning
             everywhere) or the path of a table written by `main.py bench tune`.
+        activation_checkpointing: recompute each block's activations in the backward instead of
+            keeping them (less memory, about one more forward of compute); any strategy.
+        mixed_precision: "bf16": under ModelParallelStrategy with FSDP2, parameters are gathered
+            and used in bf16 and gradients reduced in float32, while the sharded parameters and
+            optimizer state stay float32 (set trainer.precision to 32-true). None: off.
     """
 
     # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
@@ -93,10 +103,17 @@ class NestedModule(L.LightningModule):
         direct_weight_grads: bool | None = None,
         cuda_graphs: bool = False,
         ssd_configs: str = "auto",
+        activation_checkpointing: bool = False,
+        mixed_precision: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model = model
+        # Parameters exempt from weight decay by their `_no_weight_decay` mark (optim.param_groups),
+        # by name: parallelize() and moving sharded parameters give them new objects.
+        self._no_decay_names = {
+            n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)
+        }
         config = model.config
         self.granularities = list(config.default_granularities() if granularities is None else granularities)
         if not self.granularities:
@@ -131,6 +148,9 @@ class NestedModule(L.LightningModule):
         self.direct_weight_grads = direct_weight_grads
         self.cuda_graphs = cuda_graphs
         self.ssd_configs = ssd_configs
+        self.activation_checkpointing = activation_checkpointing
+        self.mixed_precision = mixed_precision
+        self._parallelized = False
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
         self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
@@ -176,16 +196,52 @@ class NestedModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             self.check_data(datamodule)
+        if stage == "fit":  # clear errors before any step runs
+            if self.cuda_graphs:
+                self._check_graphs_possible()
+            if self.direct_weight_grads and self._sharded_or_multiprocess():
+                self._use_direct_weight_grads(self.trainer.strategy.model, distributed=True)
         device = self.trainer.strategy.root_device
         if device.type == "cuda":
             from lit_matmamba.kernels import pin_ssd_configs
 
             pin_ssd_configs(self.ssd_configs, device.index)
 
+    def _sharded_or_multiprocess(self) -> bool:
+        return self.trainer.world_size > 1 or self.device_mesh is not None
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard the model over its device mesh (and with
+        `activation_checkpointing`, under any strategy): `parallel.parallelize`, once."""
+        if self._parallelized or (
+            self.device_mesh is None and not self.activation_checkpointing and self.mixed_precision is None
+        ):
+            return
+        parallel.parallelize(
+            self.model,
+            self.device_mesh,
+            widths=[width for _, width in self.evaluated()],
+            activation_checkpointing=self.activation_checkpointing,
+            mixed_precision=self.mixed_precision,
+        )
+        self._parallelized = True
+
+    def synchronize_batch(self, batch: Any) -> Any:
+        """The batch to train or evaluate on: under tensor parallelism, the first rank's of the
+        tensor-parallel group on every rank of it (the ranks of a group compute one model on one
+        batch, whatever their data loaders gave them); otherwise `batch` itself. Every step calls
+        this, and so does anything else that runs the model on loader batches (callbacks)."""
+        if self.device_mesh is not None:
+            tp_mesh = parallel.mesh_dims(self.device_mesh)[1]
+            if tp_mesh is not None and tp_mesh.size() > 1:
+                return parallel.broadcast_batch(batch, tp_mesh)
+        return batch
+
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         """Raise a clear error when the data does not fit the model (vocabulary, classes)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch = self.synchronize_batch(batch)
         if self.cuda_graphs:
             step = self._graph_for(batch)
             if step is not None:
@@ -253,8 +309,7 @@ class NestedModule(L.LightningModule):
 
     def _graph_for(self, batch: Any) -> GraphedTrainStep | None:
         """The captured step for this batch's shapes (captured at the first batch), or None."""
-        if self._graph is None:
-            self._check_graphs_possible()
+        if self._graph is None:  # setup() checked that graphs are possible
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
             self._graph = capture_joint_step(
                 self.loss,
@@ -280,10 +335,14 @@ class NestedModule(L.LightningModule):
 
     def _check_graphs_possible(self) -> None:
         problems = []
-        if self.device.type != "cuda":
-            problems.append(f"the model is on {self.device.type}, not a CUDA GPU")
-        if is_distributed(self.trainer.strategy.model):
-            problems.append("training is distributed (DDP/FSDP)")
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            problems.append(f"the model is on {device.type}, not a CUDA GPU")
+        if self._sharded_or_multiprocess() or is_distributed(self.trainer.strategy.model):
+            problems.append(
+                "training is distributed or sharded (DDP, FSDP or tensor parallelism): CUDA graphs "
+                "capture one process's step; use them on one GPU (trainer.strategy auto, devices 1)"
+            )
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             problems.append("fp16 loss scaling is on (use precision bf16-mixed)")
         if problems:
@@ -297,12 +356,13 @@ class NestedModule(L.LightningModule):
         self._optimizer_step(norm.clone())
         return total
 
-    def _use_direct_weight_grads(self, wrapped: nn.Module) -> bool:
-        distributed = is_distributed(wrapped)
+    def _use_direct_weight_grads(self, wrapped: nn.Module, distributed: bool | None = None) -> bool:
+        distributed = is_distributed(wrapped) if distributed is None else distributed
         if self.direct_weight_grads and distributed:
             raise ValueError(
-                "direct_weight_grads=True cannot be used with DDP/FSDP (it bypasses their gradient "
-                "reduction hooks); leave it None (auto) or set it to false"
+                "direct_weight_grads=True cannot be used with DDP, FSDP or tensor parallelism (it "
+                "bypasses their gradient reduction and sharded parameters); leave it None (auto) or "
+                "set it to false"
             )
         return not distributed if self.direct_weight_grads is None else self.direct_weight_grads
 
@@ -311,7 +371,11 @@ class NestedModule(L.LightningModule):
         return isinstance(n, int) and batch_idx + 1 == n
 
     def configure_optimizers(self) -> Any:
+        for name, p in self.model.named_parameters():  # marks that sharding and moving drop
+            if name in self._no_decay_names:
+                p._no_weight_decay = True
         optimizer = self.optimizer_factory(param_groups(self.model))
+        parallel.register_optimizer(optimizer, self.model)  # tensor parallelism: canonical state
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -332,10 +396,10 @@ class NestedModule(L.LightningModule):
             self.update_metrics(self.metrics[stage][label], batch, width)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self._eval_step("val", self.synchronize_batch(batch))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("test", self.synchronize_batch(batch))
 
     def _log_epoch(self, stage: str) -> None:
         for label, _ in self.evaluated():
@@ -368,7 +432,15 @@ class NestedModule(L.LightningModule):
                 self.granularities,
                 head=self.head_spec,
                 datamodule=getattr(self.trainer, "datamodule", None),
+                cls=parallel.model_class(self.model),  # the model's own class, not FSDP2's wrapper
             )
+        # By name, not position, so that a one-process checkpoint resumes sharded and back.
+        parallel.key_optimizer_states_by_name(
+            checkpoint,
+            self,
+            self.trainer.optimizers,
+            by_module_order=self.device_mesh is not None,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_data(
@@ -408,6 +480,7 @@ class LanguageModeling(NestedModule):
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`
         (per-token losses by the same `cross_entropy` op as training: no float32 copy of the logits)."""
+        batch = self.synchronize_batch(batch)
         out = {}
         for label, width in self.evaluated():
             losses = self.model.loss(batch, width, reduction="none")  # (B * (L-1),)
@@ -458,7 +531,7 @@ class ImageClassification(NestedModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per image and evaluated width: the predicted class, `{"class/w512": (B,), ...}`, and the
         target as `"target"` when the batch has one."""
-        images, targets = batch
+        images, targets = self.synchronize_batch(batch)
         out = {
             f"class/{label}": self.model(images, width=width).argmax(-1) for label, width in self.evaluated()
         }
@@ -535,7 +608,7 @@ class TokenClassification(NestedModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per token and evaluated width: the predicted class, `{"class/w512": (B, L), ...}`, and
         the labels as `"target"`."""
-        input_ids, labels = batch
+        input_ids, labels = self.synchronize_batch(batch)
         out = {
             f"class/{label}": self.logits(input_ids, labels, width).argmax(-1)
             for label, width in self.evaluated()

@@ -13,14 +13,27 @@ from torch import nn
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Decay matrices only: biases, norm weights, A_log, D, dt_bias and positions are exempt
-    (1-D parameters or ones marked `_no_weight_decay`). The decayed group takes the optimizer's
-    own `weight_decay`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    (1-D parameters or ones marked `_no_weight_decay`). The decayed groups take the optimizer's
+    own `weight_decay`.
+
+    The mixers' parameters (names with `.mixer.`) are grouped apart from the rest: tensor
+    parallelism shards the mixers and replicates the rest, and a foreach optimizer step cannot
+    take both in one group. The groups are the same under every strategy, so that optimizer and
+    learning-rate schedule state move between them (`lit_matmamba.training.parallel`).
+    Empty groups are left out."""
+    groups: dict[tuple[bool, bool], list] = {
+        key: [] for key in ((True, True), (True, False), (False, True), (False, False))
+    }
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or getattr(p, "_no_weight_decay", False))
+        groups[decay, ".mixer." in f".{name}"].append(p)
+    return [
+        {"params": params} if decay else {"params": params, "weight_decay": 0.0}
+        for (decay, _), params in groups.items()
+        if params
+    ]
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
