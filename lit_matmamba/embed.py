@@ -45,6 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lit_matmamba.io import read_checkpoint
 from lit_matmamba.models.config import Width
 
 Pool = Literal["mean", "last"]
@@ -72,9 +73,7 @@ def checkpoint_record(ckpt_path: str | os.PathLike) -> CheckpointRecord:
     arguments are those Lightning records (``datamodule_hyper_parameters``; LightningCLI adds the
     class as ``_class_path``).
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    if "matmamba" not in ckpt:
-        raise ValueError(f"{ckpt_path} has no 'matmamba' entry: was it written by lit_matmamba's trainer?")
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
     data = ckpt.get("datamodule_hyper_parameters")
     return CheckpointRecord(
         granularities=list(ckpt["matmamba"]["granularities"]),
@@ -87,7 +86,7 @@ def load(ckpt_path: str | os.PathLike) -> tuple[nn.Module, CheckpointRecord]:
     """The model of a checkpoint in eval mode, and its record; a clear error for a missing file."""
     from lit_matmamba.training import load_model
 
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a distributed checkpoint's directory
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
     record = checkpoint_record(ckpt_path)
     return load_model(str(ckpt_path)).eval(), record

@@ -5,11 +5,14 @@ standalone model directories (`main.py export`).
 
 - a Lightning checkpoint written by this project's trainer (`*.ckpt`): the plain model is rebuilt
   from the checkpoint's `matmamba` entry, without the YAML;
+- the directory of a distributed checkpoint written by the same trainer under
+  ModelParallelStrategy (configs/strategy/fsdp.yaml, tp.yaml, fsdp_tp.yaml), recognised by its
+  `.metadata`: read on one process, its shards gathered, in the canonical (unsharded) layout;
 - a directory written by `save_pretrained` (`main.py export`), recognised by its `matmamba.json`;
 - a stock mamba-ssm checkpoint directory (`config.json` + `pytorch_model.bin`, Mamba2 layers).
 
 The `matmamba` entry of a checkpoint (`checkpoint_metadata`, written by
-`NestedModule.on_save_checkpoint`), version 2:
+`NestedModule.on_save_checkpoint`), version 3:
 
     class          the model's class path, e.g. "lit_matmamba.models.lm.MatMambaLM"
     config         the MatMambaConfig fields
@@ -21,9 +24,13 @@ The `matmamba` entry of a checkpoint (`checkpoint_metadata`, written by
                    "eos_token": the token ending each document, or None}
     seq_len        tokens per training sequence (the longest context trained), or None
     normalize      None or {"mean": [r, g, b], "std": [r, g, b]} of the input images
+    data_sha256    None or the identity of the shards trained on (`shards.data_sha256`: the sha256
+                   of their sha256 per split)
 
-Entries of version 1 checkpoints (class, config, granularities) load as before; what they lack is
-None. A directory written by `save_pretrained`:
+Entries of version 1 checkpoints (class, config, granularities) and version 2 (all but
+data_sha256) load as before; what they lack is None. Resuming, validating, testing or predicting
+from a checkpoint on data whose tokenizer or shards differ from those recorded is an error
+(`check_checkpoint_data`) unless allowed (`main.py fit --allow_data_mismatch true`). A directory written by `save_pretrained`:
 
     matmamba.json      {"format": "lit-matmamba", "version": 1, "class", "config" (of the exported
                        model: its `layer_widths` are the widths exported), "width" (those layer
@@ -51,9 +58,9 @@ import hashlib
 import importlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,7 +78,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_NAME = "lit-matmamba"
 FORMAT_VERSION = 1
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -184,26 +191,33 @@ def checkpoint_metadata(
     granularities: list[int],
     head: dict[str, Any] | None = None,
     datamodule: Any = None,
+    cls: type | None = None,
 ) -> dict[str, Any]:
     """The `matmamba` entry of a training checkpoint (module docstring). `head`: the custom head's
     spec when known from the config (else read off the model, `head_spec`); `datamodule`: the
     trainer's data module, whose tokenizer, sequence length and image normalisation are recorded
-    when it has them (`TextDataModule.tokenizer_path`, `seq_len`; `ImageDataModule` mean/std)."""
+    when it has them (`TextDataModule.tokenizer_path`, `seq_len`; `ImageDataModule` mean/std);
+    `cls`: the model's own class where `type(model)` is a sharding wrapper's (FSDP2 gives the
+    modules it shards a class of its own; `training.parallel.model_class`)."""
+    cls = type(model) if cls is None else cls
     custom = head_spec(model)  # None for the default head
     if custom is not None and head is not None:
         custom = head  # the config's spec: its arguments are known
     meta: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": f"{cls.__module__}.{cls.__qualname__}",
         "config": model.config.to_dict(),
         "granularities": list(granularities),
         "head": custom,
         "tokenizer": None,
         "seq_len": None,
         "normalize": None,
+        "data_sha256": None,
     }
     if datamodule is None:
         return meta
+    with contextlib.suppress(RuntimeError, OSError, KeyError):  # data not set up: nothing to record
+        meta["data_sha256"] = getattr(datamodule, "data_sha256", None)
     if isinstance(getattr(datamodule, "seq_len", None), int):
         meta["seq_len"] = datamodule.seq_len
     if hasattr(datamodule, "tokenizer_path"):
@@ -215,6 +229,36 @@ def checkpoint_metadata(
     if isinstance(model, MatMambaVision) and "mean" in hparams and "std" in hparams:
         meta["normalize"] = {"mean": list(hparams["mean"]), "std": list(hparams["std"])}
     return meta
+
+
+def check_checkpoint_data(
+    meta: dict[str, Any] | None, datamodule: Any, where: str = "the checkpoint", allow: bool = False
+) -> None:
+    """Raise a ValueError naming both sha256 when `datamodule`'s tokenizer or shards are not those
+    the checkpoint (its `matmamba` entry, `meta`) was trained on; `allow`: warn instead. What either
+    side does not know (an older checkpoint, an index without checksums, no data module) is not
+    compared."""
+    if not meta or datamodule is None:
+        return
+    problems = []
+    with contextlib.suppress(RuntimeError, OSError, KeyError, AttributeError):
+        recorded, current = (meta.get("tokenizer") or {}).get("sha256"), datamodule.tokenizer_hash
+        if recorded and current and recorded != current:
+            problems.append(f"the data's tokenizer has sha256 {current}, the checkpoint's {recorded}")
+    with contextlib.suppress(RuntimeError, OSError, KeyError, AttributeError):
+        recorded, current = meta.get("data_sha256"), datamodule.data_sha256
+        if recorded and current and recorded != current:
+            problems.append(f"the data's shards have sha256 {current}, the checkpoint's {recorded}")
+    if not problems:
+        return
+    found = f"{where} was trained on other data: {'; '.join(problems)}"
+    if allow:
+        warnings.warn(f"{found} (allowed by --allow_data_mismatch)", stacklevel=2)
+        return
+    raise ValueError(
+        f"{found}. Check --data, or pass --allow_data_mismatch true to run on this data anyway "
+        f"(in Python: module.allow_data_mismatch = True)"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,22 +274,69 @@ def _read_tokenizer(location: str) -> tuple[str, str]:
     return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict of a Lightning checkpoint (the one place a training checkpoint is opened), with a
-    clear error for anything else."""
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """The dict of a training checkpoint written by this project's trainer (the one place such a
+    checkpoint is opened), or a ValueError "PATH is not a lit-matmamba training checkpoint: WHAT IT
+    IS" for anything else (a text file, another binary, a plain state dict, another module's
+    Lightning checkpoint). `mmap`: map the tensors instead of reading them (cheap, for a look at the
+    entries of a big file).
+
+    `path` is a file, or the directory of a distributed checkpoint (what ModelParallelStrategy
+    writes under FSDP2 or tensor parallelism), whose shards are gathered into the whole, canonical
+    `state_dict` on the CPU, then moved to `map_location` (its optimizer state is left out;
+    `training.parallel.load_full_checkpoint`); with `mmap`, no shard is read and the `state_dict`
+    holds tensors on the meta device."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    fix = "pass a .ckpt written by `main.py fit` (e.g. <log dir>/checkpoints/last.ckpt)"
     if path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint file, an exported model ({META_FILE}) nor a mamba-ssm "
-            "checkpoint (config.json)"
-        )
+        if not (path / ".metadata").is_file():  # torch.distributed.checkpoint's index of the shards
+            raise FileNotFoundError(
+                f"{path} is neither a checkpoint file, an exported model ({META_FILE}), a mamba-ssm "
+                "checkpoint (config.json) nor a distributed checkpoint (.metadata)"
+            )
+        from lit_matmamba.training.parallel.checkpoint import load_full_checkpoint
+
+        ckpt = load_full_checkpoint(path, tensors=not mmap)  # mmap: a look, no shard is read
+        if not mmap and torch.device(map_location).type != "cpu":
+            ckpt["state_dict"] = {k: v.to(map_location) for k, v in ckpt["state_dict"].items()}
+    else:
+        try:
+            mmap = mmap and zipfile.is_zipfile(path)  # files of torch.save's legacy format do not map
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except OSError:
+            raise
+        except Exception as err:  # whatever unpickling arbitrary bytes raises
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            what = "a text file" if _is_text(path) else f"not a PyTorch checkpoint ({first})"
+            raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}") from None
+    what = None
+    if not isinstance(ckpt, dict):
+        what = f"it holds a {type(ckpt).__name__}, not a checkpoint's dict"
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        what = "it is a plain state dict (torch.save(model.state_dict())), without the training state"
+    elif "state_dict" in ckpt and "pytorch-lightning_version" in ckpt and "matmamba" not in ckpt:
+        what = "a Lightning checkpoint written by another module (it has no 'matmamba' entry)"
+    elif "state_dict" not in ckpt or "matmamba" not in ckpt:
+        what = f"a dict without a training checkpoint's entries (it has {sorted(map(str, ckpt))[:6]})"
+    if what is not None:
+        raise ValueError(f"{path} is not a lit-matmamba training checkpoint: {what}; {fix}")
+    return ckpt
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the start of `path` reads as UTF-8 text (no NUL byte)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({first})") from None
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end
+            return False
+    return b"\0" not in head
 
 
 def load(
@@ -277,9 +368,7 @@ def load(
                 pretrained.eos_token = EOS_TOKEN
             return pretrained
     ckpt = read_checkpoint(path, map_location)
-    meta = ckpt.get("matmamba") if isinstance(ckpt, dict) else None
-    if meta is None or "state_dict" not in ckpt:
-        raise ValueError(f"{path} was not written by lit-matmamba's trainer (it has no 'matmamba' entry)")
+    meta = ckpt["matmamba"]
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model = _build(meta, state, map_location, head, str(path))
     return Pretrained(
@@ -463,6 +552,7 @@ __all__ = [
     "Pretrained",
     "atomic_directory",
     "build_head",
+    "check_checkpoint_data",
     "checkpoint_metadata",
     "head_spec",
     "load",

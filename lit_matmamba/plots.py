@@ -7,14 +7,19 @@ evaluation draws the third (query width x database width).
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # no display: figures go to files and TensorBoard
+# No display: figures go to files and TensorBoard. A backend already chosen is kept: Jupyter
+# kernels set MPLBACKEND to their inline backend, which shows the Figures returned here.
+if "MPLBACKEND" not in os.environ and "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 

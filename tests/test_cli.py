@@ -38,6 +38,46 @@ def test_every_shipped_config_parses(config, capsys):
     assert "lit_matmamba.training." in printed and "class_path" in printed
 
 
+STRATEGIES = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+
+
+def test_there_are_strategy_configs():
+    assert {p.stem for p in STRATEGIES} == {"ddp", "fsdp", "tp", "fsdp_tp"}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", ["lm_demo", "lm_1_4b", "vision_135m"])
+def test_every_strategy_config_composes_with_a_model_config(config, strategy, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / f"configs/{config}.yaml"),
+                "--config",
+                str(strategy),
+                "--print_config",
+            ]
+        )
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    expected = "DDPStrategy" if strategy.stem == "ddp" else "ModelParallelStrategy"
+    assert f"lightning.pytorch.strategies.{expected}" in printed
+    assert "lit_matmamba.training." in printed  # the model config is still all there
+
+
+def test_a_mesh_bigger_than_the_world_is_a_clear_error_before_any_process_starts():
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "configs/lm_demo.yaml"),
+        "--config",
+        str(REPO / "configs/strategy/fsdp_tp.yaml"),
+    ]
+    with pytest.raises(SystemExit, match="^error: .*tensor_parallel_size=4 does not fit the 2 processes"):
+        main([*args, "--trainer.devices=2", "--trainer.strategy.init_args.tensor_parallel_size=4"])
+
+
 def test_unknown_config_key_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(
@@ -61,6 +101,34 @@ def test_help_explains_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "--help"])
     assert "images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_allow_data_mismatch_reaches_the_module(flag):
+    import lightning as L
+
+    from lit_matmamba.cli import MatMambaArgumentParser, MatMambaCLI
+    from lit_matmamba.training import NestedModule
+
+    args = ["--config", str(REPO / "configs/lm_demo.yaml"), "--allow_data_mismatch", str(flag).lower()]
+    cli = MatMambaCLI(
+        NestedModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=MatMambaArgumentParser,
+        run=False,
+        args=args,
+    )
+    assert cli.model.allow_data_mismatch is flag
+
+
+def test_model_help_lists_the_models_not_every_torch_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_matmamba.training.LanguageModeling"])
+    out = capsys.readouterr().out
+    assert "lit_matmamba.MatMambaLM" in out and "lit_matmamba.MatMambaVision" in out
+    assert "torch.nn.Linear" not in out and len(out.splitlines()) < 200
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")

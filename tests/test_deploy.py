@@ -237,10 +237,11 @@ def test_checkpoint_records_what_deploying_needs(lm_checkpoint, tokenizer_json):
     import hashlib
 
     meta = torch.load(lm_checkpoint, weights_only=False)["matmamba"]
-    assert meta["version"] == 2 and meta["granularities"] == [32, 16, 8, 4] and meta["head"] is None
+    assert meta["version"] == 3 and meta["granularities"] == [32, 16, 8, 4] and meta["head"] is None
     assert meta["tokenizer"]["json"] == tokenizer_json and meta["seq_len"] == 24
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(tokenizer_json.encode()).hexdigest()
     assert meta["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert meta["data_sha256"] is None  # a data module without shards (the battery checks shards)
     pretrained = load(lm_checkpoint)
     assert pretrained.eos_token_id() == pretrained.tokenizer().token_to_id("<|endoftext|>") == 0
     assert pretrained.data["seq_len"] == 24  # the data module's hyperparameters, for `search`
@@ -323,10 +324,12 @@ def test_old_checkpoints_still_load(lm_checkpoint, tmp_path):
 
 def test_load_refuses_other_files(tmp_path):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="notes.ckpt is not a lit-matmamba training checkpoint: a text file"):
         load(tmp_path / "notes.ckpt")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="not written by lit-matmamba"):
+    with pytest.raises(
+        ValueError, match="other.ckpt is not a lit-matmamba training checkpoint: a dict without"
+    ):
         load(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file, an exported model"):
         load(tmp_path)
@@ -435,7 +438,7 @@ def test_commands_refuse_bad_input_in_one_line(lm_checkpoint, tmp_path, capsys):
     )
     assert "either --ckpt_path" in command_error(["generate", "--prompt", "hi"], capsys)
     (tmp_path / "notes.ckpt").write_text("hello")
-    assert "not a PyTorch checkpoint" in command_error(
+    assert "not a lit-matmamba training checkpoint: a text file" in command_error(
         ["generate", "--ckpt_path", str(tmp_path / "notes.ckpt"), "--prompt", "hi"], capsys
     )
     error = command_error(

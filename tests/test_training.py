@@ -8,11 +8,13 @@ import copy
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lit_matmamba import MatMambaLM
 from lit_matmamba.models import MatMambaConfig
-from lit_matmamba.training import LanguageModeling, load_model
+from lit_matmamba.training import LanguageModeling, TokenClassification, load_model
 from lit_matmamba.training.joint import joint_backward
 
 VOCAB = 97
@@ -199,7 +201,7 @@ def test_direct_weight_grads_refused_under_ddp():
 
     assert LanguageModeling(tiny_lm())._use_direct_weight_grads(torch.nn.Module()) is True  # auto: on
     assert LanguageModeling(tiny_lm())._use_direct_weight_grads(WrappedLikeDDP()) is False  # auto: off
-    with pytest.raises(ValueError, match="cannot be used with DDP/FSDP"):
+    with pytest.raises(ValueError, match="cannot be used with DDP, FSDP or tensor parallelism"):
         LanguageModeling(tiny_lm(), direct_weight_grads=True)._use_direct_weight_grads(WrappedLikeDDP())
 
 
@@ -295,3 +297,77 @@ def test_ddp_reduces_gradients_once_per_optimizer_step(tmp_path):
     joint = [int(c) for c in counts[4][0].split()]
     assert len(joint) == 3 and min(single) > 0
     assert joint == single, f"reductions per step: one width {single}, four widths {joint}"
+
+
+# --- token classification ---------------------------------------------------------------------
+class TagData(TokenData):
+    """TokenData with a label per token, the token's id mod 3, except the first of each sequence,
+    which has none (-100)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.labels = self.data % 3
+        self.labels[:, 0] = TokenClassification.ignore_index
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.data, self.labels), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.data[:8], self.labels[:8]), batch_size=self.batch_size)
+
+
+def tagger(seed: int = 0) -> TokenClassification:
+    torch.manual_seed(seed)
+    config = MatMambaConfig.from_name("lm-tiny", vocab_size=VOCAB)
+    return TokenClassification(MatMambaLM(config, head=nn.Linear(config.d_model, 3)), granularities=[64, 16])
+
+
+def test_token_classification_loss_and_metrics_count_labelled_tokens_only():
+    module = tagger()
+    data = TagData()
+    batches = list(data.train_dataloader())[:2]
+    ids, labels = batches[0]
+    labelled = labels != -100
+    logits = module.model(ids, 16)
+    assert torch.allclose(module.loss((ids, labels), 16), F.cross_entropy(logits[labelled], labels[labelled]))
+    # Dropping labels changes the loss only through the tokens that keep theirs.
+    fewer = labels.clone()
+    fewer[:, 5:] = -100
+    kept = fewer != -100
+    assert torch.allclose(module.loss((ids, fewer), 16), F.cross_entropy(logits[kept], fewer[kept]))
+    assert module.loss((ids, torch.full_like(labels, -100)), 16).item() == 0.0
+    # The split's accuracy is over every labelled token, whatever batch it is in.
+    metrics = module.make_metrics()
+    module.update_metrics(metrics, (ids, fewer), 16)
+    module.update_metrics(metrics, batches[1], 16)
+    preds = torch.cat([module.model(ids, 16)[kept], module.model(batches[1][0], 16)[batches[1][1] != -100]])
+    targets = torch.cat([fewer[kept], batches[1][1][batches[1][1] != -100]])
+    assert torch.allclose(metrics["acc"].compute(), (preds.argmax(-1) == targets).float().mean())
+    assert torch.allclose(metrics["loss"].compute(), F.cross_entropy(preds, targets))
+
+
+def test_token_classification_trains_every_width_and_records_its_head(tmp_path):
+    module = tagger()
+    data = TagData()
+    val = list(data.val_dataloader())
+    with torch.no_grad():
+        before = {w: sum(module.loss(b, w) for b in val) / len(val) for w in (64, 16)}
+    t = trainer(tmp_path, max_steps=40, limit_val_batches=None)
+    t.fit(module, data)  # validates at the end of each epoch of 8 batches
+    for width in (64, 16):
+        assert t.callback_metrics[f"val/loss/w{width}"] < before[width]
+        assert t.callback_metrics[f"val/acc/w{width}"] > 0.6  # chance: about 1/3
+    path = tmp_path / "tagger.ckpt"
+    t.save_checkpoint(path)
+    model = load_model(path)  # the nn.Linear head's arguments are read off it
+    ids, _ = next(iter(data.val_dataloader()))
+    assert torch.equal(model(ids, 16), module.model(ids, 16))
+
+
+def test_token_classification_needs_a_head_with_an_output_per_token():
+    module = TokenClassification(tiny_lm())  # the default head: next-token logits over the vocabulary
+    ids = torch.randint(0, VOCAB, (2, 9))
+    flat = MatMambaLM(MatMambaConfig.from_name("lm-tiny", vocab_size=VOCAB), head=nn.Flatten(1))
+    with pytest.raises(ValueError, match=r"head maps \(B, L, d_model\) to \(B, L, classes\)"):
+        TokenClassification(flat).loss((ids, ids), None)
+    assert module.loss((ids, ids % 3), None).isfinite()  # any (B, L, C) output fits (C here: the vocabulary)

@@ -292,6 +292,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_restore_sigterm_in_child)
 
 
+def data_sha256(checksums: dict[str, Sequence[str | None]]) -> str | None:
+    """The identity of a shard folder: sha256 of its shards' sha256 per split (recorded in training
+    checkpoints, compared on resume and validation); None when a shard's is unknown (an index
+    written before checksums) or there are no shards (an image folder read directly)."""
+    if not checksums or any(sha is None for shas in checksums.values() for sha in shas):
+        return None
+    canonical = json.dumps({split: list(shas) for split, shas in sorted(checksums.items())})
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file (a shard's checksum; which tokenizer made a set of shards; that a download is the pinned one)."""
     digest = hashlib.sha256()

@@ -55,6 +55,7 @@ from lit_matmamba.data.shards import (
     INDEX_NAME,
     EpochLoader,
     check_shards_exist,
+    data_sha256,
     default_data_dir,
     index_location,
     locate,
@@ -562,6 +563,13 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer_hash(self) -> str:
         """sha256 of that tokenizer.json."""
         return self.index["tokenizer"]["sha256"]
+
+    @property
+    def data_sha256(self) -> str | None:
+        """sha256 of the shards' sha256 (``shards.data_sha256``; None for an index without them)."""
+        return data_sha256(
+            {s: [sh.get("sha256") for sh in e["shards"]] for s, e in self.index["splits"].items()}
+        )
 
     def bytes_per_token(self, split: str = "val") -> float:
         """UTF-8 bytes of text per stored token of ``split``: bits per byte = loss / ln 2 / bytes_per_token."""

@@ -59,6 +59,7 @@ from lit_matmamba.data.shards import (
     INDEX_NAME,
     EpochLoader,
     check_shards_exist,
+    data_sha256,
     is_url,
     locate,
     rank_and_world_size,
@@ -470,6 +471,17 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self._splits:
             raise ValueError(f"{self._where}: no {split!r} split (found: {', '.join(sorted(self._splits))})")
         return self._splits[split]
+
+    @property
+    def data_sha256(self) -> str | None:
+        """sha256 of the shards' sha256 (``shards.data_sha256``); None for an image folder or an
+        index without them."""
+        if self.class_names is None:
+            self._load()
+        splits = self._splits.values()
+        if not splits or any(entry[0] != "shards" for entry in splits):
+            return None
+        return data_sha256({split: entry[3] for split, entry in self._splits.items()})
 
     def check_num_classes(self, num_classes: int) -> None:
         """Raises ValueError when a model head with ``num_classes`` outputs does not fit this data."""

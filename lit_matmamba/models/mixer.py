@@ -94,6 +94,9 @@ class MatMambaMixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
+        # state_dict() and load_state_dict() speak mamba-ssm's layout. The hooks call the two
+        # methods at the end of the class, which a sharded mixer (`lit_matmamba.training.parallel`)
+        # overrides: its conversion also undoes the sharding.
         self._register_state_dict_hook(_to_mamba_layout)
         self._register_load_state_dict_pre_hook(_from_mamba_layout, with_module=True)
 
@@ -232,6 +235,23 @@ class MatMambaMixer(nn.Module):
         if self.out_proj.bias is not None:
             self.out_proj.bias.copy_(other.out_proj.bias)
 
+    # State-dict layout (module docstring) -----------------------------------------------------
+    def state_dict_to_mamba(self, state_dict: dict, prefix: str) -> None:
+        """Rewrite this mixer's entries of `state_dict` from the internal layout to mamba-ssm's."""
+        for key, idx in _permuted_keys(self, prefix).items():
+            if key in state_dict:
+                t = state_dict[key]
+                # mamba[idx] = internal
+                state_dict[key] = torch.empty_like(t).index_copy_(0, idx.to(t.device), t)
+
+    def state_dict_from_mamba(self, state_dict: dict, prefix: str) -> None:
+        """Rewrite this mixer's entries of `state_dict` from mamba-ssm's layout to the internal one."""
+        for key, idx in _permuted_keys(self, prefix).items():
+            t = state_dict.get(key)
+            # Tensors of the wrong size are left alone: load_state_dict then reports the mismatch.
+            if t is not None and t.shape[0] == idx.numel():
+                state_dict[key] = t.index_select(0, idx.to(t.device))
+
 
 # Layout conversion to and from mamba-ssm ---------------------------------------------------------
 def mamba_to_internal_index(mixer: MatMambaMixer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,15 +277,8 @@ def _permuted_keys(mixer: MatMambaMixer, prefix: str) -> dict[str, torch.Tensor]
 
 
 def _to_mamba_layout(mixer: MatMambaMixer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key, idx in _permuted_keys(mixer, prefix).items():
-        if key in state_dict:
-            t = state_dict[key]
-            state_dict[key] = torch.empty_like(t).index_copy_(0, idx.to(t.device), t)  # mamba[idx] = internal
+    mixer.state_dict_to_mamba(state_dict, prefix)
 
 
 def _from_mamba_layout(mixer: MatMambaMixer, state_dict: dict, prefix: str, *args) -> None:
-    for key, idx in _permuted_keys(mixer, prefix).items():
-        t = state_dict.get(key)
-        # Tensors of the wrong size are left alone: load_state_dict then reports the mismatch.
-        if t is not None and t.shape[0] == idx.numel():
-            state_dict[key] = t.index_select(0, idx.to(t.device))
+    mixer.state_dict_from_mamba(state_dict, prefix)

@@ -2,8 +2,8 @@
 
 from lit_matmamba.io import load_model
 
-from .callbacks import GranularityCharts, MixNMatchCurve, PredictionWriter, ThroughputMonitor
-from .module import ImageClassification, LanguageModeling, NestedModule
+from .callbacks import GranularityCharts, MixNMatchCurve, ModelCheckpoint, PredictionWriter, ThroughputMonitor
+from .module import ImageClassification, LanguageModeling, NestedModule, TokenClassification
 from .optim import WarmupCosine, adamw, param_groups
 
 __all__ = [
@@ -11,9 +11,11 @@ __all__ = [
     "ImageClassification",
     "LanguageModeling",
     "MixNMatchCurve",
+    "ModelCheckpoint",
     "NestedModule",
     "PredictionWriter",
     "ThroughputMonitor",
+    "TokenClassification",
     "WarmupCosine",
     "adamw",
     "load_model",

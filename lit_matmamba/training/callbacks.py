@@ -1,4 +1,5 @@
-"""Callbacks: per-granularity charts, throughput and MFU, and the Mix'n'Match accuracy/compute curve."""
+"""Callbacks: per-granularity charts, throughput and MFU, the Mix'n'Match accuracy/compute curve, and
+checkpoints that keep their promises."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -124,10 +126,12 @@ class ThroughputMonitor(L.Callback):
         self._sync(pl_module)
         elapsed = time.perf_counter() - self._start
         world = trainer.world_size
-        tokens_per_sec = self._tokens * world / elapsed
+        # The ranks of a tensor-parallel group share one batch: count each data-parallel replica's.
+        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        tokens_per_sec = self._tokens * replicas.get("num_replicas", world) / elapsed
         metrics = {
             "perf/tokens_per_sec": tokens_per_sec,
-            "perf/samples_per_sec": self._samples * world / elapsed,
+            "perf/samples_per_sec": self._samples * replicas.get("num_replicas", world) / elapsed,
         }
         peak = self._peak(pl_module)
         if peak is not None:
@@ -196,7 +200,17 @@ class MixNMatchCurve(L.Callback):
         for i, batch in enumerate(loader):
             if i >= self.max_batches:
                 break
-            batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.to(pl_module.device)))
+            batches.append(batch)
+        # Every rank evaluates as many batches: under tensor parallelism each is exchanged.
+        count = int(
+            trainer.strategy.reduce(torch.tensor(len(batches), device=pl_module.device), reduce_op="min")
+        )
+        batches = [
+            pl_module.synchronize_batch(
+                apply_to_collection(b, torch.Tensor, lambda t: t.to(pl_module.device))
+            )
+            for b in batches[:count]
+        ]
         if not batches:
             return
         points = []
@@ -272,3 +286,41 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(merged, tmp)
         tmp.replace(path)
         print(f"wrote {len(next(iter(merged.values()), []))} predictions ({', '.join(merged)}) to {path}")
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (same arguments), with two promises:
+
+    - with `save_last`, `last.ckpt` is written at the step the fit ends on, also when it stops at
+      `max_steps` between validations (Lightning's keeps the last validation's);
+    - no checkpoint is written while the weights hold a NaN or inf (possible with the module's
+      `check_finite: false`): a warning says so once, and a finite `last.ckpt` is never
+      overwritten by a diverged model.
+    """
+
+    _non_finite_warned = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Every checkpoint this callback writes (top-k, last, on exception) goes through here.
+        if not weights_finite(trainer):
+            if not self._non_finite_warned:
+                rank_zero_warn(
+                    f"the weights hold NaN or inf at step {trainer.global_step}: no checkpoint is "
+                    f"written while they do (the last finite one, if any, is kept). The training loss "
+                    f"diverged; the module's check_finite: true stops at the first non-finite loss."
+                )
+                self._non_finite_warned = True
+            return
+        super()._save_checkpoint(trainer, filepath)
+
+
+def weights_finite(trainer: L.Trainer) -> bool:
+    """Whether every parameter of the trained module is finite on every rank (one host sync)."""
+    params = [p.detach() for p in trainer.lightning_module.parameters()]
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+    return bool(trainer.strategy.reduce_boolean_decision(finite, all=True))

@@ -1,6 +1,6 @@
 """LightningModules that train every granularity of a nested model on the same batch.
 
-The model (a plain-PyTorch `MatMambaLM` or `MatMambaVision`, or any module taking `width`) is
+The model (a plain-PyTorch `MatMambaLM`, `MatMambaVision` or other `NestedModel`, taking `width`) is
 injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,9 +19,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_matmamba.graphs import GraphedTrainStep
-from lit_matmamba.io import checkpoint_metadata
+from lit_matmamba.io import check_checkpoint_data, checkpoint_metadata
+from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
+from . import parallel
 from .joint import Distillation, WidthPolicy, WidthSampling, capture_joint_step, joint_backward
 from .optim import adamw, param_groups
 from .parallel import clip_grad_norm, gradient_sync, is_distributed
@@ -35,9 +37,12 @@ class NestedModule(L.LightningModule):
     one width's activations are alive at a time), then one optimizer step. The widths of a step are
     every granularity (the paper's recipe, the default) or what `width_sampling` draws; with
     `distillation`, the widest teaches the others. Under DDP/FSDP gradients are reduced on the last
-    backward of an optimizer step only. Validation and test evaluate every granularity and each
-    width in `eval_widths`, and log one tag per width and metric (`val/loss/w768`,
-    `val/loss/mix0`, ...). The loss is the model's own (`model.loss`).
+    backward of an optimizer step only. Under Lightning's `ModelParallelStrategy`, `configure_model`
+    shards the model with `lit_matmamba.training.parallel.parallelize` (FSDP2, tensor parallelism,
+    or both on a 2-D mesh), and the ranks of a tensor-parallel group train on the batch of its first
+    rank. Validation and test evaluate every granularity and each width in `eval_widths`, and log
+    one tag per width and metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's
+    own (`model.loss`).
 
     Args:
         model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
@@ -58,7 +63,8 @@ class NestedModule(L.LightningModule):
             flag: the step is optimised by hand).
         gradient_clip_val: max global gradient norm; None or 0 disables clipping (use this, not
             the Trainer's flag).
-        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step).
+        check_finite: stop with a clear error on a NaN or inf loss (one host sync per step);
+            false: warn once and train on (checked every `log_every_n_steps` steps).
         direct_weight_grads: add each width's weight gradients straight into the used block of
             `.grad` (`lit_matmamba.models.nested_linear`: memory traffic proportional to the width
             instead of full-size per width). None: on when training in one process; it cannot be
@@ -74,6 +80,11 @@ class NestedModule(L.LightningModule):
             (`lit_matmamba.kernels.pin_ssd_configs`): "auto" (the table tuned for this GPU model,
             if the package ships one; else mamba-ssm's autotuning), "off" (mamba-ssm's autotuning
             everywhere) or the path of a table written by `main.py bench tune`.
+        activation_checkpointing: recompute each block's activations in the backward instead of
+            keeping them (less memory, about one more forward of compute); any strategy.
+        mixed_precision: "bf16": under ModelParallelStrategy with FSDP2, parameters are gathered
+            and used in bf16 and gradients reduced in float32, while the sharded parameters and
+            optimizer state stay float32 (set trainer.precision to 32-true). None: off.
     """
 
     # (stage, metric) pairs charted with every width on one chart (callbacks.GranularityCharts).
@@ -83,10 +94,13 @@ class NestedModule(L.LightningModule):
     # rebuilds the head. Set it yourself for a head built in Python whose arguments `load_model`
     # cannot read off it (an `nn.Linear`'s it can).
     head_spec: dict[str, Any] | None = None
+    # Load a checkpoint (resume, validate, test, predict) although the data's tokenizer or shards
+    # differ from those it was trained on (`io.check_checkpoint_data`); `main.py --allow_data_mismatch`.
+    allow_data_mismatch: bool = False
 
     def __init__(
         self,
-        model: nn.Module,
+        model: NestedModel,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
         width_sampling: WidthSampling | None = None,
@@ -100,10 +114,17 @@ class NestedModule(L.LightningModule):
         direct_weight_grads: bool | None = None,
         cuda_graphs: bool = False,
         ssd_configs: str = "auto",
+        activation_checkpointing: bool = False,
+        mixed_precision: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model = model
+        # Parameters exempt from weight decay by their `_no_weight_decay` mark (optim.param_groups),
+        # by name: parallelize() and moving sharded parameters give them new objects.
+        self._no_decay_names = {
+            n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)
+        }
         config = model.config
         self.granularities = list(config.default_granularities() if granularities is None else granularities)
         for w in self.granularities:
@@ -147,9 +168,14 @@ class NestedModule(L.LightningModule):
         self.direct_weight_grads = direct_weight_grads
         self.cuda_graphs = cuda_graphs
         self.ssd_configs = ssd_configs
+        self.activation_checkpointing = activation_checkpointing
+        self.mixed_precision = mixed_precision
+        self._parallelized = False
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
         self.step_widths: list[Width] = []  # the widths the latest training step trained
+        self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
+        self._non_finite_warned = False
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict({label: self.make_metrics() for label, _ in self.evaluated()})
@@ -194,16 +220,52 @@ class NestedModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             self.check_data(datamodule)
+        if stage == "fit":  # clear errors before any step runs
+            if self.cuda_graphs:
+                self._check_graphs_possible()
+            if self.direct_weight_grads and self._sharded_or_multiprocess():
+                self._use_direct_weight_grads(self.trainer.strategy.model, distributed=True)
         device = self.trainer.strategy.root_device
         if device.type == "cuda":
             from lit_matmamba.kernels import pin_ssd_configs
 
             pin_ssd_configs(self.ssd_configs, device.index)
 
+    def _sharded_or_multiprocess(self) -> bool:
+        return self.trainer.world_size > 1 or self.device_mesh is not None
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard the model over its device mesh (and with
+        `activation_checkpointing`, under any strategy): `parallel.parallelize`, once."""
+        if self._parallelized or (
+            self.device_mesh is None and not self.activation_checkpointing and self.mixed_precision is None
+        ):
+            return
+        parallel.parallelize(
+            self.model,
+            self.device_mesh,
+            widths=[width for _, width in self.evaluated()],
+            activation_checkpointing=self.activation_checkpointing,
+            mixed_precision=self.mixed_precision,
+        )
+        self._parallelized = True
+
+    def synchronize_batch(self, batch: Any) -> Any:
+        """The batch to train or evaluate on: under tensor parallelism, the first rank's of the
+        tensor-parallel group on every rank of it (the ranks of a group compute one model on one
+        batch, whatever their data loaders gave them); otherwise `batch` itself. Every step calls
+        this, and so does anything else that runs the model on loader batches (callbacks)."""
+        if self.device_mesh is not None:
+            tp_mesh = parallel.mesh_dims(self.device_mesh)[1]
+            if tp_mesh is not None and tp_mesh.size() > 1:
+                return parallel.broadcast_batch(batch, tp_mesh)
+        return batch
+
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         """Raise a clear error when the data does not fit the model (vocabulary, classes)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch = self.synchronize_batch(batch)
         if self.cuda_graphs:
             step = self._graph_for(batch)
             if step is not None:
@@ -256,8 +318,27 @@ class NestedModule(L.LightningModule):
                 f"per-width losses are logged under train/loss/w*. Lower the learning rate, "
                 f"check the data, or use bf16 rather than fp16."
             )
+        if not self.check_finite:
+            self._warn_non_finite_once(total)
         self.log("train/loss", total, prog_bar=True, batch_size=self.batch_size(batch))
         return total
+
+    def _warn_non_finite_once(self, total: torch.Tensor) -> None:
+        """check_finite=False: warn once when a training loss was NaN or inf. The flag stays on the
+        device and is looked at every `log_every_n_steps` steps (no host sync of its own otherwise)."""
+        if self._non_finite_warned:
+            return
+        bad = ~torch.isfinite(total.detach())
+        self._non_finite_seen = bad if self._non_finite_seen is None else self._non_finite_seen | bad
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 and bool(
+            self._non_finite_seen
+        ):
+            rank_zero_warn(
+                f"check_finite is false and a training loss was NaN or inf by step {self.global_step}: "
+                f"training goes on (a ModelCheckpoint of lit_matmamba.training writes no checkpoint of "
+                f"non-finite weights). check_finite: true stops at the first one."
+            )
+            self._non_finite_warned = True
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
         opt = self.optimizers()
@@ -270,8 +351,7 @@ class NestedModule(L.LightningModule):
 
     def _graph_for(self, batch: Any) -> GraphedTrainStep | None:
         """The captured step for this batch's shapes (captured at the first batch), or None."""
-        if self._graph is None:
-            self._check_graphs_possible()
+        if self._graph is None:  # setup() checked that graphs are possible
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
             widths, weights = self.width_policy(0)  # fixed: the same at every step
             self._graph = capture_joint_step(
@@ -299,10 +379,14 @@ class NestedModule(L.LightningModule):
 
     def _check_graphs_possible(self) -> None:
         problems = []
-        if self.device.type != "cuda":
-            problems.append(f"the model is on {self.device.type}, not a CUDA GPU")
-        if is_distributed(self.trainer.strategy.model):
-            problems.append("training is distributed (DDP/FSDP)")
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            problems.append(f"the model is on {device.type}, not a CUDA GPU")
+        if self._sharded_or_multiprocess() or is_distributed(self.trainer.strategy.model):
+            problems.append(
+                "training is distributed or sharded (DDP, FSDP or tensor parallelism): CUDA graphs "
+                "capture one process's step; use them on one GPU (trainer.strategy auto, devices 1)"
+            )
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             problems.append("fp16 loss scaling is on (use precision bf16-mixed)")
         if problems:
@@ -318,12 +402,13 @@ class NestedModule(L.LightningModule):
         self._optimizer_step(norm.clone())
         return total
 
-    def _use_direct_weight_grads(self, wrapped: nn.Module) -> bool:
-        distributed = is_distributed(wrapped)
+    def _use_direct_weight_grads(self, wrapped: nn.Module, distributed: bool | None = None) -> bool:
+        distributed = is_distributed(wrapped) if distributed is None else distributed
         if self.direct_weight_grads and distributed:
             raise ValueError(
-                "direct_weight_grads=True cannot be used with DDP/FSDP (it bypasses their gradient "
-                "reduction hooks); leave it None (auto) or set it to false"
+                "direct_weight_grads=True cannot be used with DDP, FSDP or tensor parallelism (it "
+                "bypasses their gradient reduction and sharded parameters); leave it None (auto) or "
+                "set it to false"
             )
         return not distributed if self.direct_weight_grads is None else self.direct_weight_grads
 
@@ -332,7 +417,11 @@ class NestedModule(L.LightningModule):
         return isinstance(n, int) and batch_idx + 1 == n
 
     def configure_optimizers(self) -> Any:
+        for name, p in self.model.named_parameters():  # marks that sharding and moving drop
+            if name in self._no_decay_names:
+                p._no_weight_decay = True
         optimizer = self.optimizer_factory(param_groups(self.model))
+        parallel.register_optimizer(optimizer, self.model)  # tensor parallelism: canonical state
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -353,10 +442,10 @@ class NestedModule(L.LightningModule):
             self.update_metrics(self.metrics[stage][label], batch, width)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self._eval_step("val", self.synchronize_batch(batch))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("test", self.synchronize_batch(batch))
 
     def _log_epoch(self, stage: str) -> None:
         for label, _ in self.evaluated():
@@ -389,7 +478,23 @@ class NestedModule(L.LightningModule):
                 self.granularities,
                 head=self.head_spec,
                 datamodule=getattr(self.trainer, "datamodule", None),
+                cls=parallel.model_class(self.model),  # the model's own class, not FSDP2's wrapper
             )
+        # By name, not position, so that a one-process checkpoint resumes sharded and back.
+        parallel.key_optimizer_states_by_name(
+            checkpoint,
+            self,
+            self.trainer.optimizers,
+            by_module_order=self.device_mesh is not None,
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_data(
+            checkpoint.get("matmamba"),
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None,
+            where=str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint"),
+            allow=self.allow_data_mismatch,
+        )
 
 
 class LanguageModeling(NestedModule):
@@ -423,6 +528,7 @@ class LanguageModeling(NestedModule):
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per sequence and evaluated width: the mean next-token loss, `{"loss/w768": (B,), ...}`
         (per-token losses by the same `cross_entropy` op as training: no float32 copy of the logits)."""
+        batch = self.synchronize_batch(batch)
         out = {}
         for label, width in self.evaluated():
             losses = self.model.loss(batch, width, reduction="none")  # (B * (L-1),)
@@ -475,7 +581,7 @@ class ImageClassification(NestedModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per image and evaluated width: the predicted class, `{"class/w512": (B,), ...}`, and the
         target as `"target"` when the batch has one."""
-        images, targets = batch
+        images, targets = self.synchronize_batch(batch)
         out = {
             f"class/{label}": self.model(images, width=width).argmax(-1) for label, width in self.evaluated()
         }
@@ -494,3 +600,78 @@ class ImageClassification(NestedModule):
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         if hasattr(datamodule, "check_num_classes"):
             datamodule.check_num_classes(self.model.config.num_classes)
+
+
+class TokenClassification(NestedModule):
+    """One label per token (tagging) from a custom head on a language model's features.
+
+    Batches are `(input_ids, labels)`, both (B, L); a label of -100 (`ignore_index`, as in
+    `F.cross_entropy`) marks a token without one. The model is a `MatMambaLM` whose head maps the
+    per-token features (B, L, d_model) to one logit per class, (B, L, num_classes), given in the
+    config (`model.init_args.head`). The model is causal: a token's label can only be predicted
+    from that token and those before it. Loss: the mean cross-entropy over labelled tokens.
+    Metrics per width: that loss and the accuracy, both over every labelled token of the split.
+    """
+
+    chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "acc"))
+    ignore_index = -100
+
+    def logits(self, input_ids: torch.Tensor, labels: torch.Tensor, width: Width) -> torch.Tensor:
+        """The head's outputs (B, L, num_classes) in float32, after checking they fit the labels."""
+        logits = self.model(input_ids, width)
+        if logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"the model gives outputs of shape {tuple(logits.shape)} for labels of shape "
+                f"{tuple(labels.shape)}: a token classifier's head maps (B, L, d_model) to (B, L, classes)"
+            )
+        return logits.float()
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens (0 for a batch without any)."""
+        input_ids, labels = batch
+        logits = self.logits(input_ids, labels, width)
+        total = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index, reduction="sum"
+        )
+        # Divided by the count rather than reduction="mean", which gives NaN for a batch without labels.
+        return total / (labels != self.ignore_index).sum().clamp(min=1)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "acc": torchmetrics.MeanMetric()})
+
+    @torch.no_grad()
+    def update_metrics(
+        self, metrics: nn.ModuleDict, batch: tuple[torch.Tensor, torch.Tensor], width: Width
+    ) -> None:
+        input_ids, labels = batch
+        labelled = labels != self.ignore_index  # (B, L)
+        count = int(labelled.sum())
+        if count == 0:
+            return
+        logits = self.logits(input_ids, labels, width)[labelled]  # (N, C)
+        labels = labels[labelled]  # (N,)
+        # Weighted by the batch's labelled tokens: the split's metric is a mean over tokens.
+        metrics["loss"].update(F.cross_entropy(logits, labels), weight=count)
+        metrics["acc"].update((logits.argmax(-1) == labels).float().mean(), weight=count)
+
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per token and evaluated width: the predicted class, `{"class/w512": (B, L), ...}`, and
+        the labels as `"target"`."""
+        input_ids, labels = self.synchronize_batch(batch)
+        out = {
+            f"class/{label}": self.logits(input_ids, labels, width).argmax(-1)
+            for label, width in self.evaluated()
+        }
+        out["target"] = labels
+        return out
+
+    def batch_size(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].shape[0]
+
+    def batch_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if hasattr(datamodule, "check_vocab"):
+            datamodule.check_vocab(self.model.config.vocab_size)
