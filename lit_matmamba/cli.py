@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("lit_matmamba.embed", "Write a split's features (images: pooled; text: mean) at any width."),
     "retrieval": ("lit_matmamba.retrieval", "Nearest-neighbour top-1 and mAP@10, query x database width."),
     "serve": ("lit_matmamba.serve", "Serve every width of a language model over OpenAI's completions API."),
+    "study": (
+        "lit_matmamba.training.study",
+        "The recipe study (STUDY.md): train an arm over seeds and test it; tabulate every arm.",
+    ),
 }
 
 DESCRIPTION = """Train, evaluate and ship nested MatMamba models (one training run, a model for every width).
@@ -199,7 +203,9 @@ class MatMambaCLI(LightningCLI):
             subcommands.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
 
 
-def main(args: list[str] | None = None) -> MatMambaCLI | None:
+def main(args: list[str] | None = None, run: bool = True) -> MatMambaCLI | None:
+    """Run a command; with `run` False, only build the trainer, model and data module of `args`
+    (LightningCLI's arguments without a subcommand) and return the CLI holding them."""
     # Our iterable datasets report exact lengths per rank and worker (see lit_matmamba.data), and the
     # LeafSpec notice is Lightning talking to itself: neither is something a user can act on.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -217,7 +223,7 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         argv = argv[1:]
     # argv is handed on as args; sys.argv then belongs to the caller.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    if argv and argv[0] in COMMANDS:
+    if run and argv and argv[0] in COMMANDS:
         module, _ = COMMANDS[argv[0]]
         prog = f"{_prog()} {argv[0]}"
         try:
@@ -232,6 +238,7 @@ def main(args: list[str] | None = None) -> MatMambaCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
+        run=run,
         parser_class=MatMambaArgumentParser,
         auto_configure_optimizers=False,  # the model's own (see TOP_LEVEL_OPTIMIZER)
         parser_kwargs={

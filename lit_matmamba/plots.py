@@ -68,26 +68,30 @@ def quality_vs_params(
     title: str = "",
     lines: Sequence[str] = (),
     x: str = "params",
+    colors: dict[str, str] | None = None,
 ) -> Figure:
     """Metric against parameters used (millions), or against another cost of the points (`x`,
     e.g. "flops" or "latency_ms"): `series` maps a legend label to points
     `{x: number, metric: float, "label": str (optional)}`; series named in `lines` are joined by
-    lines (and their points labelled), the others drawn as markers."""
+    lines (and their points labelled), the others drawn as markers; `colors` maps a series to a
+    matplotlib colour (default: the colour cycle)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     markers = iter("xs^vD+*")
     scale = 1e-6 if x == "params" else 1.0
+    colors = colors or {}
     for name, points in series.items():
         if not points:
             continue
         points = sorted(points, key=lambda p: p[x])
         xs, ys = [p[x] * scale for p in points], [p[metric] for p in points]
+        style = {"color": colors[name]} if name in colors else {}
         if name in lines:
-            ax.plot(xs, ys, "o-", label=name)
+            ax.plot(xs, ys, "o-", label=name, **style)
             for p, px, py in zip(points, xs, ys):
                 if p.get("label"):
                     ax.annotate(p["label"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
         else:
-            ax.plot(xs, ys, next(markers, "."), label=name)
+            ax.plot(xs, ys, next(markers, "."), label=name, **style)
     ax.set_xlabel("parameters used (M)" if x == "params" else x)
     ax.set_ylabel(metric)
     ax.set_title(title)

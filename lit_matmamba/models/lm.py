@@ -109,16 +109,24 @@ class MatMambaLM(NestedModel):
             return nested_linear(h, head.weight, head.bias)
         return head(h)
 
-    def loss(self, input_ids: torch.Tensor, width: Width = None, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        width: Width = None,
+        reduction: str = "mean",
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy of input_ids (B, L): the mean over the (B, L-1) predictions, a
         0-d float32 tensor (float64 for a float64 model), or with `reduction="none"` one loss per
         prediction, (B * (L-1),). The logits go to the `cross_entropy` op (`config.backend`) in
         their dtype, bf16 under autocast: its Triton kernel computes in float32 without a float32
-        copy of the logits."""
+        copy of the logits. With `return_logits`: (loss, logits (B, L-1, V)), for distillation
+        (`lit_matmamba.training.joint.Distillation`)."""
         logits = self(input_ids[:, :-1], width)  # (B, L-1, V)
-        return cross_entropy(
+        loss = cross_entropy(
             logits.flatten(0, 1), input_ids[:, 1:].flatten(), backend=self.config.backend, reduction=reduction
         )
+        return (loss, logits) if return_logits else loss
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """One decoding step at the cache's widths. input_ids: (B,) -> logits (B, V)."""

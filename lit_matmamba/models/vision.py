@@ -107,10 +107,16 @@ class MatMambaVision(NestedModel):
         """images: (B, C, H, W) -> head outputs, e.g. logits (B, num_classes)."""
         return self.head(self.forward_features(images, width))
 
-    def loss(self, images: torch.Tensor, targets: torch.Tensor, width: Width = None) -> torch.Tensor:
+    def loss(
+        self, images: torch.Tensor, targets: torch.Tensor, width: Width = None, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the logits at `width` in float32, a 0-d tensor. `targets` are class
-        indices (B,) or soft targets (B, num_classes), as mixup and cutmix make."""
+        indices (B,) or soft targets (B, num_classes), as mixup and cutmix make. With
+        `return_logits`: (loss, logits (B, num_classes) in float32), for distillation
+        (`lit_matmamba.training.joint.Distillation`)."""
         logits = self(images, width).float()  # (B, num_classes)
         if targets.is_floating_point():
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, targets)
+            loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits, targets)
+        return (loss, logits) if return_logits else loss

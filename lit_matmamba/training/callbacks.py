@@ -48,8 +48,8 @@ class GranularityCharts(L.Callback):
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s and samples/s of the joint step, and MFU when the accelerator's peak is known.
 
-    MFU = (training FLOPs per token of every granularity, from the model's counts) x tokens/s
-    / peak FLOP/s. The peak is `peak_tflops`, or looked up for known GPUs (dense bf16).
+    MFU = (training FLOPs per token of the widths each step trained, from the model's counts) x
+    tokens/s / peak FLOP/s. The peak is `peak_tflops`, or looked up for known GPUs (dense bf16).
 
     Args:
         log_every_n_steps: average over this many optimizer steps.
@@ -61,6 +61,7 @@ class ThroughputMonitor(L.Callback):
     def __init__(self, log_every_n_steps: int = 10, peak_tflops: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.peak_tflops = peak_tflops
+        self._flops_cache: dict[tuple, float] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -68,7 +69,22 @@ class ThroughputMonitor(L.Callback):
         self._tokens = 0
         self._samples = 0
         self._batches = 0
-        self._seq_len: int | None = None
+        self._flops = 0.0  # model FLOPs of the window's training steps
+
+    def _step_flops_per_token(self, pl_module: NestedModule, seq_len: int | None) -> float:
+        """Training FLOPs per token of the widths the latest step trained (they may change every
+        step: `width_sampling`); a uniform width's are memoised, a sampled Mix'n'Match width's are not
+        (it seldom comes back)."""
+        total = 0.0
+        for w in pl_module.step_widths:
+            key = (w, seq_len) if not isinstance(w, list) else None
+            flops = self._flops_cache.get(key) if key else None
+            if flops is None:
+                flops = pl_module.model.flops_per_token(w, training=True, seq_len=seq_len)
+                if key:
+                    self._flops_cache[key] = flops
+            total += flops
+        return total
 
     def _peak(self, pl_module: L.LightningModule) -> float | None:
         if self.peak_tflops:
@@ -94,10 +110,12 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: NestedModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
-        self._tokens += pl_module.batch_tokens(batch)
+        tokens = pl_module.batch_tokens(batch)
+        self._tokens += tokens
         self._samples += pl_module.batch_size(batch)
         self._batches += 1
-        self._seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else None
+        seq_len = batch.shape[1] - 1 if isinstance(batch, torch.Tensor) else None
+        self._flops += tokens * self._step_flops_per_token(pl_module, seq_len)
         if self._batches >= self.log_every_n_steps * pl_module.accumulate_grad_batches:
             self._flush(trainer, pl_module)
 
@@ -117,11 +135,7 @@ class ThroughputMonitor(L.Callback):
         }
         peak = self._peak(pl_module)
         if peak is not None:
-            flops = sum(
-                pl_module.model.flops_per_token(w, training=True, seq_len=self._seq_len)
-                for w in pl_module.granularities
-            )
-            metrics["perf/mfu"] = flops * tokens_per_sec / (peak * world)
+            metrics["perf/mfu"] = self._flops / elapsed / peak
         pl_module.log_dict(metrics)
         self._reset()
 

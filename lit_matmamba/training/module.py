@@ -6,6 +6,7 @@ injected, so a YAML `class_path` swaps backbone, head, optimizer and scheduler.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from lit_matmamba.models import NestedModel
 from lit_matmamba.models.config import Width
 
 from . import parallel
-from .joint import capture_joint_step, joint_backward
+from .joint import Distillation, WidthPolicy, WidthSampling, capture_joint_step, joint_backward
 from .optim import adamw, param_groups
 from .parallel import clip_grad_norm, gradient_sync, is_distributed
 
@@ -32,21 +33,28 @@ class NestedModule(L.LightningModule):
     """Joint training of a model's granularities, one optimizer step per batch.
 
     For every batch the training step runs the joint step (`lit_matmamba.training.joint`): each
-    width in `granularities` on the same batch, `loss_weight * loss` back-propagated right away (so
-    only one width's activations are alive at a time), then one optimizer step. Under DDP/FSDP
-    gradients are reduced on the last backward of an optimizer step only. Under Lightning's
-    `ModelParallelStrategy`, `configure_model` shards the model with
-    `lit_matmamba.training.parallel.parallelize` (FSDP2, tensor parallelism, or both on a 2-D
-    mesh), and the ranks of a tensor-parallel group train on the batch of its first rank.
-    Validation and test evaluate every granularity and each width in `eval_widths`, and log one tag
-    per width and metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's own
-    (`model.loss`).
+    width of the step on the same batch, `loss_weight * loss` back-propagated right away (so only
+    one width's activations are alive at a time), then one optimizer step. The widths of a step are
+    every granularity (the paper's recipe, the default) or what `width_sampling` draws; with
+    `distillation`, the widest teaches the others. Under DDP/FSDP gradients are reduced on the last
+    backward of an optimizer step only. Under Lightning's `ModelParallelStrategy`, `configure_model`
+    shards the model with `lit_matmamba.training.parallel.parallelize` (FSDP2, tensor parallelism,
+    or both on a 2-D mesh), and the ranks of a tensor-parallel group train on the batch of its first
+    rank. Validation and test evaluate every granularity and each width in `eval_widths`, and log
+    one tag per width and metric (`val/loss/w768`, `val/loss/mix0`, ...). The loss is the model's
+    own (`model.loss`).
 
     Args:
         model: the nested model; its forward and `loss` take `width` (see `models/config.py`).
         granularities: the widths trained together (the one place they are set); None: the
             paper's D, D/2, D/4, D/8 (`model.config.default_granularities()`). Checkpoints record them.
-        loss_weights: one weight per granularity; None: equal weights that sum to 1 (the average).
+        loss_weights: one weight per granularity, used whenever a step trains that width; None:
+            equal weights that sum to 1 over a step's widths (the average).
+        width_sampling: which widths each step trains (`lit_matmamba.training.joint.WidthSampling`:
+            every granularity, or the sandwich rule, plus widths sampled per step); None: every
+            granularity, nothing sampled (the paper's recipe).
+        distillation: in-place self-distillation (`lit_matmamba.training.joint.Distillation`): the
+            widest width's detached predictions also teach the others; None: off (the paper's).
         eval_widths: more widths evaluated in validation and test, logged as `mix0`, `mix1`, ...
             in this order: Mix'n'Match widths (one int per layer) or ints between the granularities.
         optimizer: builds the optimizer from parameter groups (no weight decay on 1-D parameters).
@@ -65,8 +73,9 @@ class NestedModule(L.LightningModule):
             one CUDA graph at the first training batch and replay it for every batch of the same
             shape (`lit_matmamba.training.joint.capture_joint_step`): removes the kernel-launch overhead that
             makes small widths no faster. One GPU, `accumulate_grad_batches=1`, bf16-mixed or fp32
-            precision (no fp16 loss scaling). Batches of another shape (a short last batch) run the
-            eager step; the graph keeps its own activation memory.
+            precision (no fp16 loss scaling), the same widths every step (no `num_sampled`;
+            distillation is fine). Batches of another shape (a short last batch) run the eager
+            step; the graph keeps its own activation memory.
         ssd_configs: warps and stages of mamba-ssm's SSD kernels on the GPU, pinned once at setup
             (`lit_matmamba.kernels.pin_ssd_configs`): "auto" (the table tuned for this GPU model,
             if the package ships one; else mamba-ssm's autotuning), "off" (mamba-ssm's autotuning
@@ -94,6 +103,8 @@ class NestedModule(L.LightningModule):
         model: NestedModel,
         granularities: list[int] | None = None,
         loss_weights: list[float] | None = None,
+        width_sampling: WidthSampling | None = None,
+        distillation: Distillation | None = None,
         eval_widths: list[int | list[int]] | None = None,
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
@@ -116,20 +127,24 @@ class NestedModule(L.LightningModule):
         }
         config = model.config
         self.granularities = list(config.default_granularities() if granularities is None else granularities)
-        if not self.granularities:
-            raise ValueError("granularities is empty: give at least one width to train")
         for w in self.granularities:
             try:
                 config.resolve(w)
             except ValueError as err:
                 raise ValueError(f"granularities: {err}") from None
-        if loss_weights is None:
-            loss_weights = [1.0 / len(self.granularities)] * len(self.granularities)
-        if len(loss_weights) != len(self.granularities):
-            raise ValueError(
-                f"loss_weights has {len(loss_weights)} entries for {len(self.granularities)} granularities"
-            )
-        self.loss_weights = [float(x) for x in loss_weights]
+        # The widths and loss weights of each step (checks both); `distillation` teaches from the
+        # first width of a step, so that must be the widest.
+        self.width_policy = WidthPolicy(config, self.granularities, loss_weights, width_sampling)
+        self.loss_weights = self.width_policy.loss_weights
+        self.distillation = distillation
+        if distillation is not None:
+            if self.width_policy.anchors[0] != max(self.granularities):
+                raise ValueError(
+                    "distillation teaches from the first granularity, which must be the widest: "
+                    f"list granularities widest first, got {self.granularities}"
+                )
+            if len(self.width_policy(0)[0]) < 2:
+                raise ValueError("distillation needs at least two widths per step (a teacher and a student)")
         self.eval_widths = [w if isinstance(w, int) else list(w) for w in (eval_widths or [])]
         for i, w in enumerate(self.eval_widths):
             try:
@@ -140,6 +155,11 @@ class NestedModule(L.LightningModule):
             raise ValueError("accumulate_grad_batches must be >= 1")
         if cuda_graphs and accumulate_grad_batches != 1:
             raise ValueError("cuda_graphs needs accumulate_grad_batches=1 (one graph is one optimizer step)")
+        if cuda_graphs and not self.width_policy.fixed:
+            raise ValueError(
+                "cuda_graphs needs the same widths every step (a graph is captured for fixed widths): "
+                "width_sampling.num_sampled must be 0"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -153,6 +173,7 @@ class NestedModule(L.LightningModule):
         self._parallelized = False
         self._graph: GraphedTrainStep | None = None
         self._eager_warned = False
+        self.step_widths: list[Width] = []  # the widths the latest training step trained
         self._non_finite_seen: torch.Tensor | None = None  # check_finite=False: a NaN/inf loss was seen
         self._non_finite_warned = False
         self.metrics = nn.ModuleDict(
@@ -163,8 +184,11 @@ class NestedModule(L.LightningModule):
         )
 
     # What subclasses define --------------------------------------------------------------
-    def loss(self, batch: Any, width: Width) -> torch.Tensor:
-        """The model's own loss of `batch` at `width`, a 0-d tensor."""
+    def loss(
+        self, batch: Any, width: Width, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The model's own loss of `batch` at `width`, a 0-d tensor; with `return_logits`, (loss,
+        the logits it was computed from), for distillation."""
         raise NotImplementedError
 
     def make_metrics(self) -> nn.ModuleDict:
@@ -248,28 +272,46 @@ class NestedModule(L.LightningModule):
                 return self._graphed_training_step(step, batch)
         steps_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self._last_batch(batch_idx)
         wrapped = self.trainer.strategy.model  # the DDP/FSDP wrapper, if any
+        # A function of (seed, optimizer step): the same on every rank and for every micro-batch.
+        widths, weights = self.width_policy(self.global_step)
+        self.step_widths = widths
         losses = joint_backward(
-            self.loss,
+            self._joint_loss(),
             batch,
-            self.granularities,
-            [w / self.accumulate_grad_batches for w in self.loss_weights],
+            widths,
+            [w / self.accumulate_grad_batches for w in weights],
             backward=self.manual_backward,
             gradient_sync=lambda enabled: gradient_sync(wrapped, enabled),
             sync_last=steps_now,
             direct_weight_grads=self._use_direct_weight_grads(wrapped),
+            distillation=self.distillation,
         )
-        total = self._log_losses(losses, batch)
+        total = self._log_losses(losses, widths, weights, batch)
         if steps_now:
             norm = clip_grad_norm(wrapped, self.parameters(), self.gradient_clip_val)
             self._optimizer_step(norm)
             self.optimizers().zero_grad(set_to_none=True)
         return total
 
-    def _log_losses(self, losses: torch.Tensor, batch: Any) -> torch.Tensor:
-        """Logs the per-width losses (len(granularities),) and returns their weighted sum."""
-        total = (losses * losses.new_tensor(self.loss_weights)).sum()
-        for width, loss in zip(self.granularities, losses):
-            self.log(f"train/loss/w{width}", loss, batch_size=self.batch_size(batch))
+    def _joint_loss(self) -> Any:
+        """The loss function of the joint step: with distillation it returns the logits too."""
+        return self.loss if self.distillation is None else functools.partial(self.loss, return_logits=True)
+
+    def _log_losses(
+        self, losses: torch.Tensor, widths: list[Width], weights: list[float], batch: Any
+    ) -> torch.Tensor:
+        """Logs the step's per-width task losses (len(widths),), a granularity's as
+        `train/loss/w<width>` and the mean of the others as `train/loss/sampled`, and returns their
+        weighted sum."""
+        total = (losses * losses.new_tensor(weights)).sum()
+        sampled = []
+        for width, loss in zip(widths, losses):
+            if isinstance(width, int) and width in self.granularities:
+                self.log(f"train/loss/w{width}", loss, batch_size=self.batch_size(batch))
+            else:
+                sampled.append(loss)
+        if sampled:
+            self.log("train/loss/sampled", torch.stack(sampled).mean(), batch_size=self.batch_size(batch))
         if self.check_finite and not torch.isfinite(total):
             raise FloatingPointError(
                 f"non-finite training loss ({total.item()}) at step {self.global_step}: "
@@ -311,15 +353,17 @@ class NestedModule(L.LightningModule):
         """The captured step for this batch's shapes (captured at the first batch), or None."""
         if self._graph is None:  # setup() checked that graphs are possible
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            widths, weights = self.width_policy(0)  # fixed: the same at every step
             self._graph = capture_joint_step(
-                self.loss,
+                self._joint_loss(),
                 batch,
-                self.granularities,
-                self.loss_weights,
+                widths,
+                weights,
                 self.model.parameters(),
                 max_grad_norm=self.gradient_clip_val,
                 autocast_dtype=dtype,
                 direct_weight_grads=self._use_direct_weight_grads(self.trainer.strategy.model),
+                distillation=self.distillation,
             )
         if self._graph.matches(batch):
             return self._graph
@@ -350,7 +394,9 @@ class NestedModule(L.LightningModule):
 
     def _graphed_training_step(self, step: GraphedTrainStep, batch: Any) -> torch.Tensor:
         losses, norm = step(batch)  # static buffers, overwritten by the next replay
-        total = self._log_losses(losses.clone(), batch)
+        widths, weights = self.width_policy(self.global_step)
+        self.step_widths = widths
+        total = self._log_losses(losses.clone(), widths, weights, batch)
         # The optimizer runs outside the graph on the gradients the replay left in .grad (no
         # zero_grad: the next replay writes them afresh).
         self._optimizer_step(norm.clone())
@@ -457,9 +503,11 @@ class LanguageModeling(NestedModule):
 
     chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "ppl"), ("val", "bpb"))
 
-    def loss(self, batch: torch.Tensor, width: Width) -> torch.Tensor:
+    def loss(
+        self, batch: torch.Tensor, width: Width, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The model's mean next-token cross-entropy (`MatMambaLM.loss`) of token ids (B, L)."""
-        return self.model.loss(batch, width)
+        return self.model.loss(batch, width, return_logits=return_logits)
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
@@ -504,10 +552,12 @@ class ImageClassification(NestedModule):
 
     chart_metrics = (("train", "loss"), ("val", "loss"), ("val", "top1"), ("val", "top5"))
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], width: Width) -> torch.Tensor:
+    def loss(
+        self, batch: tuple[torch.Tensor, torch.Tensor], width: Width, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The model's cross-entropy (`MatMambaVision.loss`): class indices or soft targets."""
         images, targets = batch
-        return self.model.loss(images, targets, width)
+        return self.model.loss(images, targets, width, return_logits=return_logits)
 
     def make_metrics(self) -> nn.ModuleDict:
         n = self.model.config.num_classes
