@@ -120,11 +120,11 @@ class GraphedDecoder:
     bucket, or run eagerly (without CUDA, or with `cuda_graphs=False`).
 
     The state (`self.cache`, `batch_size` rows at `width`) is allocated once. A step advances rows
-    [0, n): `prefill` runs prompts into slots (`load`: prefilled rows), `move` copies a row into another slot (a server
-    keeps its active rows leading), `step(tokens)` returns their logits. Graphed, a step of n rows
-    replays the graph of the smallest bucket b >= n (`buckets`, default the powers of two below
-    `batch_size` and `batch_size` itself), which reads and writes rows [0, b) of the same state in
-    place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
+    [0, n): `prefill` runs prompts into slots (`load` copies in rows prefilled elsewhere), `move`
+    copies a row into another slot (a server keeps its active rows leading), `step(tokens)`
+    returns their logits. Graphed, a step of n rows replays the graph of the smallest bucket
+    b >= n (`buckets`, default the powers of two below `batch_size` and `batch_size` itself), which
+    reads and writes rows [0, b) of the same state in place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
     the step runs on exactly n rows. Both run `_run`: the model's own step on views of the state,
     with any new state tensors the step returns copied back (the GPU kernels write in place).
 
