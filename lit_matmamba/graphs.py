@@ -12,7 +12,7 @@ buffers before each replay. The training side captures the joint step of every g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -120,11 +120,11 @@ class GraphedDecoder:
     bucket, or run eagerly (without CUDA, or with `cuda_graphs=False`).
 
     The state (`self.cache`, `batch_size` rows at `width`) is allocated once. A step advances rows
-    [0, n): `load` puts prefilled rows into slots, `move` copies a row into another slot (a server
-    keeps its active rows leading), `step(tokens)` returns their logits. Graphed, a step of n rows
-    replays the graph of the smallest bucket b >= n (`buckets`, default the powers of two below
-    `batch_size` and `batch_size` itself), which reads and writes rows [0, b) of the same state in
-    place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
+    [0, n): `prefill` runs prompts into slots (`load` copies in rows prefilled elsewhere), `move`
+    copies a row into another slot (a server keeps its active rows leading), `step(tokens)`
+    returns their logits. Graphed, a step of n rows replays the graph of the smallest bucket
+    b >= n (`buckets`, default the powers of two below `batch_size` and `batch_size` itself), which
+    reads and writes rows [0, b) of the same state in place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
     the step runs on exactly n rows. Both run `_run`: the model's own step on views of the state,
     with any new state tensors the step returns copied back (the GPU kernels write in place).
 
@@ -134,8 +134,7 @@ class GraphedDecoder:
 
     Example:
         dec = GraphedDecoder(model, width=64, batch_size=8)
-        cache = model.allocate_cache(3, 64); logits = model.prefill(prompts, cache)  # 3 prompts
-        dec.load(cache)  # into rows 0..2
+        logits = dec.prefill(prompts)  # 3 prompts, into rows 0..2
         logits = dec.step(next_tokens)  # (3, V): a view of the graph's output buffer, valid until
                                         # the next step (clone to keep)
     """
@@ -204,6 +203,16 @@ class GraphedDecoder:
         graph, logits = self.graphs[next(b for b in self.buckets if b >= n)]
         graph.replay()
         return logits[:n]
+
+    def prefill(self, prompts: Sequence[torch.Tensor], start: int = 0) -> torch.Tensor:
+        """`model.prefill` of `prompts` (1-D, any lengths) into rows [start, start + len(prompts)),
+        on a cache allocated in this decoder's dtypes; returns the logits after each prompt, (n, V)."""
+        ssm_dtype = self.cache.states[0].ssm.dtype
+        device = self.tokens.device
+        cache = self.model.allocate_cache(len(prompts), self.widths, device=device, ssm_dtype=ssm_dtype)
+        logits = self.model.prefill(prompts, cache)  # (n, V)
+        self.load(cache, start)
+        return logits
 
     @torch.no_grad()
     def load(self, cache: InferenceCache, start: int = 0) -> None:

@@ -23,9 +23,8 @@ def decode(
     stock: bool = True,
     out: str | None = "decode.json",
 ) -> dict:
-    """Tokens/s of greedy decoding at D, D/2, D/4, D/8, nested against stock mamba-ssm's.
-
-    The nested model against stock mamba-ssm on a standalone model of each width.
+    """Tokens/s of greedy decoding at D, D/2, D/4, D/8: the nested model against stock mamba-ssm
+    on a standalone model of each width.
 
     Nested: `MatMambaLM.generate` with a `GraphedDecoder` built once per width and batch (the
     step captured as one CUDA graph, the state preallocated), bf16 weights and SSM state. Stock:

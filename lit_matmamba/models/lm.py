@@ -149,9 +149,10 @@ class MatMambaLM(NestedModel):
         device, dtype = cache.states[0].conv.device, cache.states[0].conv.dtype
         groups = []  # (rows, cache, last logits) per prompt length
         for length in sorted(set(lengths)):
-            rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device)
-            sub = self.allocate_cache(len(rows), cache.widths, dtype=dtype, device=device)
-            h = self.forward_features(torch.stack([prompts[i] for i in rows.tolist()]), cache.widths, sub)
+            idx = [i for i, n in enumerate(lengths) if n == length]
+            sub = self.allocate_cache(len(idx), cache.widths, dtype=dtype, device=device)
+            h = self.forward_features(torch.stack([prompts[i] for i in idx]), cache.widths, sub)
+            rows = torch.tensor(idx, device=device)
             groups.append((rows, sub, self._logits(h[:, -1])))  # the head on the last token only: (b, V)
         last = groups[0][2].new_empty(len(prompts), groups[0][2].shape[-1])  # (B, V)
         for rows, _, logits in groups:
@@ -213,10 +214,7 @@ class MatMambaLM(NestedModel):
                 f"the decoder runs widths {decoder.widths} for up to {decoder.batch_size} rows, not "
                 f"{self.config.resolve(width)} for {len(prompts)}"
             )
-        ssm_dtype = decoder.cache.states[0].ssm.dtype
-        cache = self.allocate_cache(len(prompts), width, device=device, ssm_dtype=ssm_dtype)
-        logits = self.prefill(prompts, cache)  # (B, V)
-        decoder.load(cache)
+        logits = decoder.prefill(prompts)  # (B, V)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         new: list[torch.Tensor] = []
         for i in range(max_new_tokens):

@@ -262,10 +262,7 @@ class Engine:
             return
         rows = [group.waiting.popleft() for _ in range(min(free, len(group.waiting)))]
         prompts = [torch.tensor(r.ids, device=self.device) for r in rows]
-        ssm_dtype = group.decoder.cache.states[0].ssm.dtype
-        cache = self.model.allocate_cache(len(rows), group.width, device=self.device, ssm_dtype=ssm_dtype)
-        logits = self.model.prefill(prompts, cache)  # (len(rows), V)
-        group.decoder.load(cache, start=len(group.rows))
+        logits = group.decoder.prefill(prompts, start=len(group.rows))  # (len(rows), V)
         group.logits = logits if group.logits is None else torch.cat([group.logits, logits])
         group.rows += rows
 
