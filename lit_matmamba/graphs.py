@@ -124,8 +124,8 @@ class GraphedDecoder:
     copies a row into another slot (a server keeps its active rows leading), `step(tokens)`
     returns their logits. Graphed, a step of n rows replays the graph of the smallest bucket
     b >= n (`buckets`, default the powers of two below `batch_size` and `batch_size` itself), which
-    reads and writes rows [0, b) of the same state in place: rows n..b-1 compute on whatever they hold and are ignored (every op is per row). Eager,
-    the step runs on exactly n rows. Both run `_run`: the model's own step on views of the state,
+    reads and writes rows [0, b) of the same state in place: rows n..b-1 compute on whatever they
+    hold and are ignored (every op is per row). Eager, the step runs on exactly n rows. Both run `_run`: the model's own step on views of the state,
     with any new state tensors the step returns copied back (the GPU kernels write in place).
 
     `ssm_dtype`: the SSM state's dtype (default as `allocate_cache`: float32, float64 for a float64
