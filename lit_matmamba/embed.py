@@ -45,7 +45,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lit_matmamba.io import read_checkpoint
+from lit_matmamba.deploy.common import pick_device
+from lit_matmamba.io import from_checkpoint, read_checkpoint
 from lit_matmamba.models.config import Width
 
 Pool = Literal["mean", "last"]
@@ -67,13 +68,16 @@ class CheckpointRecord:
 
 
 def checkpoint_record(ckpt_path: str | os.PathLike) -> CheckpointRecord:
-    """The one place that reads a checkpoint's entries other than the weights (`load_model` reads those).
+    """A checkpoint's record, read without loading its weights (`load` reads both at once).
 
     The granularities are the training module's (``ckpt["matmamba"]``); the data module's class and
     arguments are those Lightning records (``datamodule_hyper_parameters``; LightningCLI adds the
     class as ``_class_path``).
     """
-    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    return _record(read_checkpoint(ckpt_path, mmap=True))
+
+
+def _record(ckpt: dict[str, Any]) -> CheckpointRecord:
     data = ckpt.get("datamodule_hyper_parameters")
     return CheckpointRecord(
         granularities=list(ckpt["matmamba"]["granularities"]),
@@ -83,13 +87,12 @@ def checkpoint_record(ckpt_path: str | os.PathLike) -> CheckpointRecord:
 
 
 def load(ckpt_path: str | os.PathLike) -> tuple[nn.Module, CheckpointRecord]:
-    """The model of a checkpoint in eval mode, and its record; a clear error for a missing file."""
-    from lit_matmamba.training import load_model
-
+    """The model of a checkpoint in eval mode, and its record; a clear error for a missing file.
+    The checkpoint is read once, for both."""
     if not Path(ckpt_path).exists():  # a file, or a distributed checkpoint's directory
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
-    record = checkpoint_record(ckpt_path)
-    return load_model(str(ckpt_path)).eval(), record
+    ckpt = read_checkpoint(ckpt_path)
+    return from_checkpoint(ckpt, str(ckpt_path)).model.eval(), _record(ckpt)
 
 
 def width_label(width: Width) -> str:
@@ -216,13 +219,6 @@ def embed_split(
         labels=torch.cat(labels).long()[order],
         feature=pool if text else "pooled",
     )
-
-
-def pick_device(device: str) -> torch.device:
-    """The device named, where "auto" is the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_output(output: str | os.PathLike, overwrite: bool) -> Path:

@@ -367,10 +367,20 @@ def load(
             ):
                 pretrained.eos_token = EOS_TOKEN
             return pretrained
-    ckpt = read_checkpoint(path, map_location)
+    return from_checkpoint(read_checkpoint(path, map_location), str(path), map_location, head)
+
+
+def from_checkpoint(
+    ckpt: dict[str, Any],
+    source: str,
+    map_location: str | torch.device = "cpu",
+    head: nn.Module | None = None,
+) -> Pretrained:
+    """The model of a training checkpoint's dict already read (`read_checkpoint`), for a caller
+    that needs the checkpoint's other entries too and should not read it twice; `source`: its path."""
     meta = ckpt["matmamba"]
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model = _build(meta, state, map_location, head, str(path))
+    model = _build(meta, state, map_location, head, source)
     return Pretrained(
         model,
         granularities=list(meta["granularities"]),
@@ -380,7 +390,7 @@ def load(
         seq_len=meta.get("seq_len"),
         normalize=meta.get("normalize"),
         data=ckpt.get("datamodule_hyper_parameters"),
-        source=str(path),
+        source=source,
     )
 
 
@@ -528,8 +538,10 @@ def save_pretrained(pretrained: Pretrained, path: str | os.PathLike, width: Widt
 
 def timm_config(pretrained: Pretrained, model: MatMambaVision) -> dict[str, Any]:
     """config.json of a vision model in timm's hub layout."""
+    from lit_matmamba.data.vision import IMAGENET_MEAN, IMAGENET_STD
+
     cfg = model.config
-    norm = pretrained.normalize or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    norm = pretrained.normalize or {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     classifier = "head.fc" if pretrained.head is None else "head"
     return {
         "architecture": "matmamba_vision",
@@ -554,6 +566,7 @@ __all__ = [
     "build_head",
     "check_checkpoint_data",
     "checkpoint_metadata",
+    "from_checkpoint",
     "head_spec",
     "load",
     "load_model",

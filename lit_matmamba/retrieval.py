@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from lit_matmamba.deploy.common import pick_device
 from lit_matmamba.embed import (
     Embeddings,
     check_output,
@@ -47,7 +48,6 @@ from lit_matmamba.embed import (
     embed_split,
     load,
     load_embeddings,
-    pick_device,
     run_command,
     save_atomic,
     width_label,

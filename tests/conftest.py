@@ -25,3 +25,24 @@ def poisoned_outputs(monkeypatch):
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
 
     monkeypatch.setattr(backend, "empty_output", empty_nan)
+
+
+def fit_one_step(module, datamodule, path):
+    """Train `module` one optimizer step on the CPU on `datamodule` (no validation, logging or
+    automatic checkpoints), then save the checkpoint at `path`; returns `path`. A plain function
+    (`from conftest import fit_one_step`), shared by the tests of the commands that read checkpoints."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=path.parent,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path

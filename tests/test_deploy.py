@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import fit_one_step
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -205,22 +206,6 @@ class TwoLayerHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def fit_one_step(module: L.LightningModule, datamodule: L.LightningDataModule, path: Path) -> Path:
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=path.parent,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    trainer.save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

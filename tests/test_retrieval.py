@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import fit_one_step
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -31,20 +32,7 @@ IMG = 16
 
 
 def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, root: Path) -> Path:
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    ckpt = root / "run" / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return ckpt
+    return fit_one_step(module, datamodule, root / "run" / "checkpoints" / "last.ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,8 @@ def describe(width: Width) -> str:
 
 
 def pick_device(device: str | None) -> torch.device:
-    """`device`, or CUDA when there is a GPU, else the CPU."""
-    if device is None:
+    """`device`, or (None or "auto") CUDA when there is a GPU, else the CPU."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

@@ -74,8 +74,8 @@ class MatMambaEvalLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": 8
         self.max_length = int(max_length or self.pretrained.seq_len or 2048)
         self.max_gen_toks = int(max_gen_toks)
-        eos = self.pretrained.eos_token_id()
-        self._eot = eos if eos is not None else 0
+        self._eos = self.pretrained.eos_token_id()  # once: each call parses the tokenizer's JSON
+        self._eot = self._eos if self._eos is not None else 0
 
     # What lm-eval asks of a model ---------------------------------------------------------------
     @property
@@ -173,7 +173,7 @@ class MatMambaEvalLM(TemplateLM):
                 temperature=temperature,
                 top_k=kwargs.pop("top_k", None),
                 top_p=kwargs.pop("top_p", None),
-                eos_token_id=self.pretrained.eos_token_id(),
+                eos_token_id=self._eos,
             )[0]
             text = self.tok_decode(row[len(ids) :].tolist())
             for stop in until:

@@ -481,13 +481,19 @@ def search(
             w: final_scorer(w) for w in dict.fromkeys([*frontier, *(w for w in at_budget.values() if w)])
         }
 
+    points: dict[Widths, dict[str, Any]] = {}
+
     def point(w: Widths) -> dict[str, Any]:
-        values = {"proxy": sign * archive[w] if w in archive else None, "confirm": sign * confirmed[w]}
-        if final is not None and w in final:
-            values["final"] = final[w]
-        if table is not None:
-            values["latency_ms_measured"] = table.measure(w)
-        return _point(w, costs, **values)
+        # Once per width: the chosen width is also the frontier's last, and a rule's may be on it
+        # (its latency is measured end to end, so the same width would be timed twice).
+        if w not in points:
+            values = {"proxy": sign * archive[w] if w in archive else None, "confirm": sign * confirmed[w]}
+            if final is not None and w in final:
+                values["final"] = final[w]
+            if table is not None:
+                values["latency_ms_measured"] = table.measure(w)
+            points[w] = _point(w, costs, **values)
+        return points[w]
 
     result: dict[str, Any] = {
         "source": str(ckpt_path),
