@@ -191,16 +191,21 @@ def break_weights_at(step: int):
 # --------------------------------------------------------------------------- prepare text: inputs
 
 
+def prepare_text_from(tmp: Path, name: str) -> None:
+    """`prepare_text` of the file `tmp/name` with the tokenizer of `text_data(tmp)`."""
+    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / name), seq_len=8)
+
+
 @bad_input(ValueError, r"nul\.txt is not text: it holds a NUL byte \(first at byte 0\)")
 def prepare_text_file_of_nul_bytes(tmp):
     (tmp / "nul.txt").write_bytes(b"\0" * 4096)
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "nul.txt"), seq_len=8)
+    prepare_text_from(tmp, "nul.txt")
 
 
 @bad_input(ValueError, r"late\.txt is not text: it holds a NUL byte \(first at character 70000\)")
 def prepare_text_nul_byte_past_the_checked_start(tmp):
     (tmp / "late.txt").write_bytes(b"w1 " * 23333 + b"w\0")
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "late.txt"), seq_len=8)
+    prepare_text_from(tmp, "late.txt")
 
 
 @bad_input(ValueError, r"latin1\.jsonl is not UTF-8 text .*convert it to UTF-8")
@@ -208,32 +213,32 @@ def prepare_text_not_utf8(tmp):
     (tmp / "latin1.jsonl").write_bytes(
         json.dumps({"text": "caf\xe9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9")
     )
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "latin1.jsonl"), seq_len=8)
+    prepare_text_from(tmp, "latin1.jsonl")
 
 
 @bad_input(ValueError, r"plain\.txt\.gz is not a readable \.txt\.gz file \(Not a gzipped file")
 def prepare_text_gz_that_is_not_gzip(tmp):
     (tmp / "plain.txt.gz").write_text("w1 w2 w3")
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "plain.txt.gz"), seq_len=8)
+    prepare_text_from(tmp, "plain.txt.gz")
 
 
 @bad_input(ValueError, r"cut\.txt\.gz is damaged \(Compressed file ended")
 def prepare_text_truncated_gz(tmp):
     words = random.Random(0).choices([f"w{i}" for i in range(1, WORDS + 1)], k=100_000)
     (tmp / "cut.txt.gz").write_bytes(gzip.compress(" ".join(words).encode())[:100_000])
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "cut.txt.gz"), seq_len=8)
+    prepare_text_from(tmp, "cut.txt.gz")
 
 
 @bad_input(ValueError, r"fake\.parquet is not a readable parquet file")
 def prepare_text_parquet_that_is_not_parquet(tmp):
     (tmp / "fake.parquet").write_text("w1 w2 w3")
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "fake.parquet"), seq_len=8)
+    prepare_text_from(tmp, "fake.parquet")
 
 
 @bad_input(ValueError, r"unsupported input file type: .*data\.csv")
 def prepare_text_unsupported_input(tmp):
     (tmp / "data.csv").write_text("text\nw1\n")
-    prepare_text(tmp / "out", text_data(tmp) / "tokenizer.json", train=str(tmp / "data.csv"), seq_len=8)
+    prepare_text_from(tmp, "data.csv")
 
 
 @bad_input(FileExistsError, r"text already exists: pass overwrite=True")

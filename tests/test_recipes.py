@@ -391,21 +391,9 @@ class WidthsPerRank(StepRecorder):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_ranks_train_the_same_sampled_widths(tmp_path):
-    from test_training import RankData
+    from test_training import RankData, ddp_trainer
 
-    t = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        limit_val_batches=0,
-        callbacks=[WidthsPerRank()],
-    )
+    t = ddp_trainer(tmp_path, WidthsPerRank())
     sampling = WidthSampling(rule="sandwich", num_sampled=2, per_layer=True)
     t.fit(LanguageModeling(tiny_lm(), optimizer=sgd, width_sampling=sampling), RankData())
     for rank in (0, 1):

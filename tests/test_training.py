@@ -59,6 +59,11 @@ def trainer(tmp_path, **kw) -> L.Trainer:
     return L.Trainer(**{**base, **kw})
 
 
+def ddp_trainer(tmp_path, callback: L.Callback) -> L.Trainer:
+    """Three steps of DDP over two CPU processes (ddp_spawn), with `callback`."""
+    return trainer(tmp_path, devices=2, strategy="ddp_spawn", max_steps=3, callbacks=[callback])
+
+
 def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -278,19 +283,7 @@ class RankData(TokenData):
 def test_ddp_reduces_gradients_once_per_optimizer_step(tmp_path):
     counts = {}
     for grans in ([64], [64, 32, 16, 8]):
-        t = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp_spawn",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path),
-            limit_val_batches=0,
-            callbacks=[CountReductions()],
-        )
+        t = ddp_trainer(tmp_path, CountReductions())
         t.fit(LanguageModeling(tiny_lm(), granularities=grans, optimizer=sgd), RankData())
         counts[len(grans)] = [(tmp_path / f"calls-{len(grans)}-{r}.txt").read_text() for r in (0, 1)]
     single = [int(c) for c in counts[1][0].split()]

@@ -414,6 +414,25 @@ def rank_and_world_size(trainer: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
+class SplitLoaders:
+    """Lightning's four dataloader hooks for a datamodule with ``dataloader(split)``: train, val
+    and test read their splits; predict (``main.py predict``) reads the test split. Mix it in before
+    ``L.LightningDataModule``."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """`main.py predict` runs over the test split."""
+        return self.dataloader("test")
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that tells its dataset where the epoch starts each time it is iterated.
 

@@ -54,6 +54,7 @@ from lit_matmamba.data.prepare_text import FORMAT_NAME, FORMAT_VERSION, iter_doc
 from lit_matmamba.data.shards import (
     INDEX_NAME,
     EpochLoader,
+    SplitLoaders,
     check_shards_exist,
     data_sha256,
     default_data_dir,
@@ -428,7 +429,7 @@ class _TokenLoader(EpochLoader):
             )
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitLoaders, L.LightningDataModule):
     """Language-model batches from token shards made by :mod:`lit_matmamba.data.prepare_text`.
 
     Batches are ``torch.LongTensor`` of shape ``(batch_size, seq_len)`` (the model shifts them for the
@@ -631,19 +632,6 @@ class TextDataModule(L.LightningDataModule):
         return _TokenLoader(
             dataset, position, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """`main.py predict` runs over the test split."""
-        return self.dataloader("test")
 
     def _train_position(self, num_batches: int) -> tuple[int, int] | None:
         """(epoch, batches to skip in it) from the batches the fit loop has trained, which a checkpoint restores.

@@ -58,6 +58,7 @@ from lit_matmamba.data.prepare_images import (
 from lit_matmamba.data.shards import (
     INDEX_NAME,
     EpochLoader,
+    SplitLoaders,
     check_shards_exist,
     data_sha256,
     is_url,
@@ -336,7 +337,7 @@ def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
 # --------------------------------------------------------------------------- data module
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SplitLoaders, L.LightningDataModule):
     """Image classification data (ImageNet folders, WebDataset shards, or Fashion-MNIST) with the DeiT recipe.
 
     Batches: ``(images, targets)``; images float32 (B, 3, img_size, img_size). Targets: class
@@ -577,16 +578,3 @@ class ImageDataModule(L.LightningDataModule):
         the sequence of shard orders. A fit resumed mid-epoch starts that epoch again from its beginning.
         """
         return None if self.trainer is None else (self.trainer.current_epoch, 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """`main.py predict` runs over the test split."""
-        return self.dataloader("test")
